@@ -78,50 +78,78 @@ class ModelIdentity:
         return {"name": self.name, "weights_hash": self.weights_hash, "prepend_bos": self.prepend_bos, "dtype": self.dtype}
 
 
+SHAPE_KEYS = ("n_layers", "n_heads", "d_head", "d_model", "d_vocab", "n_ctx")
+
+
 class Model:
     """A HookedTransformer with its tokenizer and identity; the type every method takes.
 
     `model.tl` is the HookedTransformer itself, for anything this wrapper does not forward.
+    Models from the cache load their weights on first use of `tl`: identity, tokenizer and
+    shapes come from small files, so work that only needs tokens and store keys (a rerun whose
+    results are all stored) never pays for importing TransformerLens or reading the weights.
     """
 
-    def __init__(self, tl, identity: ModelIdentity, tokenizer=None):
-        self.tl = tl
+    def __init__(self, identity: ModelIdentity, tokenizer=None, *, tl=None, shapes: dict[str, Any] | None = None,
+                 loader: Callable[[], Any] | None = None):
+        if tl is None and loader is None:
+            raise ValueError("a Model needs either tl or a loader")
+        self._tl = tl
+        self._loader = loader
+        self._shapes = shapes
         self.identity = identity
         self.tokenizer = tokenizer
+
+    @property
+    def tl(self):
+        if self._tl is None:
+            self._tl = self._loader()
+        return self._tl
+
+    @property
+    def loaded(self) -> bool:
+        return self._tl is not None
 
     # -- shape facts -------------------------------------------------------------------------
     @property
     def cfg(self):
         return self.tl.cfg
 
+    def _shape(self, key: str) -> int:
+        if self._tl is None and self._shapes is not None:
+            return self._shapes[key]
+        return getattr(self.cfg, key)
+
     @property
     def n_layers(self) -> int:
-        return self.cfg.n_layers
+        return self._shape("n_layers")
 
     @property
     def n_heads(self) -> int:
-        return self.cfg.n_heads
+        return self._shape("n_heads")
 
     @property
     def n_kv_heads(self) -> int:
         """Key/value heads: fewer than `n_heads` under grouped-query attention."""
-        return self.cfg.n_key_value_heads or self.cfg.n_heads
+        if self._tl is None and self._shapes is not None:
+            return self._shapes.get("n_key_value_heads") or self.n_heads
+        return self.cfg.n_key_value_heads or self.n_heads
 
     @property
     def d_head(self) -> int:
-        return self.cfg.d_head
+        return self._shape("d_head")
 
     @property
     def d_model(self) -> int:
-        return self.cfg.d_model
+        return self._shape("d_model")
 
     @property
     def d_vocab(self) -> int:
-        return self.cfg.d_vocab
+        return self._shape("d_vocab")
 
     @property
     def n_ctx(self) -> int:
-        return self.cfg.n_ctx
+        return self._shape("n_ctx")
 
     @property
     def device(self) -> torch.device:
@@ -185,7 +213,7 @@ class Model:
     def __repr__(self) -> str:
         return (
             f"Model({self.name!r}, layers={self.n_layers}, heads={self.n_heads}, kv_heads={self.n_kv_heads}, "
-            f"d_head={self.d_head}, device={self.device}, weights={self.identity.weights_hash[:12]})"
+            f"d_head={self.d_head}, weights={self.identity.weights_hash[:12]}, loaded={self.loaded})"
         )
 
 
@@ -239,7 +267,7 @@ def save_tl_dir(tl, path: str | Path, tokenizer=None, meta: dict[str, Any] | Non
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / "tokenizer")
         st = (tmp / "model.safetensors").stat()
-        meta = {**(meta or {}), "weights_hash": weights_hash(tl), "file_size": st.st_size}
+        meta = {**(meta or {}), "weights_hash": weights_hash(tl), "file_size": st.st_size, "file_mtime_ns": st.st_mtime_ns}
         (tmp / WORKBENCH_META).write_text(json.dumps(meta, indent=1))
         if path.exists():
             shutil.rmtree(path)
@@ -269,16 +297,7 @@ def _hooked_transformer(cfg, tokenizer=None):
 
 
 def _load_tl_dir(path: Path, spec: ModelSpec, device: str) -> Model:
-    from safetensors.torch import load_file
-    from transformer_lens import HookedTransformerConfig
-
     raw = json.loads((path / "config.json").read_text())
-    known = {f.name for f in dataclasses.fields(HookedTransformerConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise WorkbenchError(f"{path}/config.json has fields HookedTransformerConfig does not know: {unknown}; remove them")
-    if "dtype" in raw:
-        raw["dtype"] = DTYPES.get(raw["dtype"], torch.float32)
     meta_file = path / WORKBENCH_META
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     tokenizer = None
@@ -287,8 +306,32 @@ def _load_tl_dir(path: Path, spec: ModelSpec, device: str) -> Model:
 
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
     prepend_bos = spec.prepend_bos if spec.prepend_bos is not None else bool(meta.get("prepend_bos", False))
+    name = meta.get("name") or str(path.resolve())
+    source = meta.get("source", "tl-dir")
+    st = (path / "model.safetensors").stat()
+    trusted = meta.get("weights_hash") and meta.get("file_size") == st.st_size and meta.get("file_mtime_ns") == st.st_mtime_ns
+    if trusted and all(k in raw for k in SHAPE_KEYS):
+        identity = ModelIdentity(name, meta["weights_hash"], prepend_bos, spec.dtype, source)
+        return Model(identity, tokenizer, shapes=raw,
+                     loader=lambda: _place(_read_tl_dir(path, raw, tokenizer, prepend_bos), spec, device))
+    tl = _read_tl_dir(path, raw, tokenizer, prepend_bos)
+    identity = ModelIdentity(name, weights_hash(tl), prepend_bos, spec.dtype, source)
+    return Model(identity, tokenizer, tl=_place(tl, spec, device))
+
+
+def _read_tl_dir(path: Path, raw: dict[str, Any], tokenizer, prepend_bos: bool):
+    from safetensors.torch import load_file
+    from transformer_lens import HookedTransformerConfig
+
+    known = {f.name for f in dataclasses.fields(HookedTransformerConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise WorkbenchError(f"{path}/config.json has fields HookedTransformerConfig does not know: {unknown}; remove them")
+    fields = {**raw, "init_weights": False, "device": "cpu", "default_prepend_bos": prepend_bos}
+    if "dtype" in fields:
+        fields["dtype"] = DTYPES.get(fields["dtype"], torch.float32)
     try:
-        cfg = HookedTransformerConfig(**{**raw, "init_weights": False, "device": "cpu", "default_prepend_bos": prepend_bos})
+        cfg = HookedTransformerConfig(**fields)
     except (TypeError, ValueError, AssertionError) as e:
         raise WorkbenchError(f"{path}/config.json is not a valid HookedTransformerConfig: {e}") from e
     tl = _hooked_transformer(cfg, tokenizer)
@@ -300,27 +343,22 @@ def _load_tl_dir(path: Path, spec: ModelSpec, device: str) -> Model:
         raise WorkbenchError(
             f"{path}/model.safetensors does not match its config.json (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    size = (path / "model.safetensors").stat().st_size
-    digest = meta.get("weights_hash") if meta.get("file_size") == size and meta.get("weights_hash") else weights_hash(tl)
-    name = meta.get("name") or str(path.resolve())
-    identity = ModelIdentity(name, digest, prepend_bos, spec.dtype, meta.get("source", "tl-dir"))
-    return _finish(tl, identity, tokenizer, spec, device)
+    return tl
 
 
-def _finish(tl, identity: ModelIdentity, tokenizer, spec: ModelSpec, device: str) -> Model:
-    if spec.dtype not in DTYPES:
-        raise WorkbenchError(f"unknown dtype '{spec.dtype}'; choose one of {sorted(DTYPES)}")
+def _place(tl, spec: ModelSpec, device: str):
+    """Move to the device and dtype asked for, in eval mode with frozen weights."""
     dtype = DTYPES[spec.dtype]
     current = next(tl.parameters())
     if current.dtype != dtype or current.device != torch.device(device):
         # nn.Module.to: TransformerLens's own .to walks the state dict once per module (seconds)
         torch.nn.Module.to(tl, device=device, dtype=dtype)
     tl.cfg.device = device
-    tl.cfg.dtype = DTYPES[spec.dtype]
+    tl.cfg.dtype = dtype
     tl.eval()
     for p in tl.parameters():
         p.requires_grad_(False)
-    return Model(tl, identity, tokenizer)
+    return tl
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,19 +413,23 @@ def _load_hf_dir(path: Path, spec: ModelSpec, device: str) -> Model:
     except (ValueError, NotImplementedError, KeyError) as e:
         raise WorkbenchError(f"TransformerLens does not support the model in {path}: {e}") from e
     identity = ModelIdentity(str(path.resolve()), weights_hash(tl), prepend_bos, spec.dtype, "hf-dir")
-    return _finish(tl, identity, tokenizer, spec, device)
+    return Model(identity, tokenizer, tl=_place(tl, spec, device))
 
 
-def _load_hub(spec: ModelSpec, device: str) -> Model:
+def _official_name(name: str) -> str:
     import transformer_lens.loading_from_pretrained as lp
 
     try:
-        official = lp.get_official_model_name(spec.name)
+        return lp.get_official_model_name(name)
     except ValueError:
         raise WorkbenchError(
-            f"unknown model '{spec.name}': use a registry name ({', '.join(REGISTRY)}), a local model directory, "
-            "or a Hugging Face name TransformerLens supports (`workbench models` lists them)"
+            f"unknown model '{name}': use a registry name ({', '.join(REGISTRY)}), a local model directory, "
+            "or a Hugging Face name TransformerLens supports (`workbench models --all` lists them)"
         ) from None
+
+
+def _load_hub(spec: ModelSpec, device: str) -> Model:
+    official = _official_name(spec.name)
     from transformer_lens import HookedTransformer
 
     kwargs = {} if spec.prepend_bos is None else {"default_prepend_bos": spec.prepend_bos}
@@ -395,14 +437,14 @@ def _load_hub(spec: ModelSpec, device: str) -> Model:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tl = HookedTransformer.from_pretrained(official, device="cpu", **kwargs)
-    except OSError as e:
+    except Exception as e:  # offline, gated, or missing files: hub clients raise many types
         raise WorkbenchError(
             f"could not fetch '{official}' from the Hugging Face hub ({type(e).__name__}); "
             "check the network, or download it elsewhere and pass its local directory"
         ) from e
     prepend_bos = bool(tl.cfg.default_prepend_bos)
     identity = ModelIdentity(official, weights_hash(tl), prepend_bos, spec.dtype, "hf-hub")
-    return _finish(tl, identity, tl.tokenizer, spec, device)
+    return Model(identity, tl.tokenizer, tl=_place(tl, spec, device))
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -477,27 +519,37 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(spec: "str | dict | ModelSpec" = DEFAULT_MODEL) -> Model:
-    """Load a model by registry name, local directory or Hugging Face name (see module docstring)."""
+def check_model_spec(spec: "str | dict | ModelSpec") -> ModelSpec:
+    """Refuse a spec that cannot name a model, without loading anything (job files check all runs first)."""
     spec = ModelSpec.parse(spec)
-    configure_threads()
-    device = spec.device or default_device()
     if spec.dtype not in DTYPES:
         raise WorkbenchError(f"unknown dtype '{spec.dtype}'; choose one of {sorted(DTYPES)}")
+    if spec.name in REGISTRY:
+        return spec
+    path = Path(spec.name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise WorkbenchError(
+                f"{path} is neither a TransformerLens model directory (config.json + model.safetensors) "
+                "nor a Hugging Face model directory (config.json + weights)"
+            )
+        return spec
+    if path.exists() or spec.name.startswith((".", "/", "~")):
+        raise WorkbenchError(f"model path {spec.name} is not a directory; pass the directory that holds config.json")
+    _official_name(spec.name)
+    return spec
+
+
+def load_model(spec: "str | dict | ModelSpec" = DEFAULT_MODEL) -> Model:
+    """Load a model by registry name, local directory or Hugging Face name (see module docstring)."""
+    spec = check_model_spec(spec)
+    configure_threads()
+    device = spec.device or default_device()
     if spec.name in REGISTRY:
         return REGISTRY[spec.name].load(spec, device)
     path = Path(spec.name).expanduser()
     if path.is_dir():
-        if _is_tl_dir(path):
-            return _load_tl_dir(path, spec, device)
-        if (path / "config.json").is_file():
-            return _load_hf_dir(path, spec, device)
-        raise WorkbenchError(
-            f"{path} is neither a TransformerLens model directory (config.json + model.safetensors) "
-            "nor a Hugging Face model directory (config.json + weights)"
-        )
-    if path.exists() or spec.name.startswith((".", "/", "~")):
-        raise WorkbenchError(f"model path {spec.name} is not a directory; pass the directory that holds config.json")
+        return _load_tl_dir(path, spec, device) if _is_tl_dir(path) else _load_hf_dir(path, spec, device)
     return _load_hub(spec, device)
 
 
@@ -505,4 +557,4 @@ def from_hooked_transformer(tl, name: str, tokenizer=None, prepend_bos: bool = F
     """Wrap a HookedTransformer built in-process (hand-set toy models, notebooks)."""
     identity = ModelIdentity(name, weights_hash(tl), prepend_bos, str(tl.cfg.dtype).removeprefix("torch."), "in-memory")
     tl.eval()
-    return Model(tl, identity, tokenizer if tokenizer is not None else getattr(tl, "tokenizer", None))
+    return Model(identity, tokenizer if tokenizer is not None else getattr(tl, "tokenizer", None), tl=tl)

@@ -1,0 +1,1 @@
+"""Attention-output sparse autoencoders (hook_z, trained with SAELens); see the SAE issue."""

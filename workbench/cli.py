@@ -1,0 +1,207 @@
+"""The `workbench` command. User errors print one line and exit 2, with nothing written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from workbench.errors import WorkbenchError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Mechanistic-interpretability workbench: heads, circuits, one results store.")
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+StoreOpt = typer.Option(None, "--store", help="Store directory (default: $WORKBENCH_HOME or ~/.workbench).")
+APP_FILE = Path(__file__).resolve().parent.parent / "app" / "Home.py"
+DEMO_JOB = Path(__file__).resolve().parent / "demo_job.toml"
+
+
+def _store(path: Optional[Path]):
+    from workbench.store import Store
+
+    return Store(path)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), console=err, transient=False)
+
+
+def _run_job(job: Path, store_dir: Optional[Path], executor: str) -> list:
+    from workbench.jobs import execute, load_job
+
+    runs = load_job(job)
+    store = _store(store_dir)
+    with _progress() as bar:
+        task_id = bar.add_task("runs", total=len(runs))
+
+        def report(i: int, n: int, label: str) -> None:
+            bar.update(task_id, completed=i, description=label[:70])
+
+        outcomes = execute(runs, store, executor, progress=report)
+    for o in outcomes:
+        out.print(f"{o.run_id}  {'cached  ' if o.cached else 'computed'}  {o.spec.label()}")
+    computed = sum(not o.cached for o in outcomes)
+    err.print(f"{len(outcomes)} runs: {computed} computed, {len(outcomes) - computed} already in the store ({store.root})")
+    return outcomes
+
+
+@app.command()
+def run(job: Path = typer.Argument(..., help="Job file (TOML) listing runs; list values expand to a grid."),
+        store: Optional[Path] = StoreOpt,
+        executor: str = typer.Option("local", help="Where runs execute: 'local' (this process).")):
+    """Run every (model, task, method, params) of a job file into the store; stored runs are skipped."""
+    _run_job(job, store, executor)
+
+
+@app.command("ls")
+def ls(store: Optional[Path] = StoreOpt,
+       model: Optional[str] = typer.Option(None, help="Only runs of this model name."),
+       task: Optional[str] = typer.Option(None, help="Only runs of this task."),
+       method: Optional[str] = typer.Option(None, help="Only runs of this method."),
+       status: Optional[str] = typer.Option(None, help="done, running, failed or interrupted.")):
+    """List runs, one a line, starting with the run id."""
+    frame = _store(store).catalog(model=model, task=task, method=method, status=status)
+    if frame.empty:
+        err.print(f"no runs in {_store(store).root}; try `workbench demo --no-serve` or `workbench run JOB.toml`")
+        return
+    for r in frame.itertuples():
+        out.print(f"{r.run_id}  {r.status:<11} {r.model}  {r.task}  {r.method}  {r.params}")
+
+
+@app.command()
+def show(run_id: str, store: Optional[Path] = StoreOpt,
+         rows: int = typer.Option(20, help="How many score rows to print.")):
+    """Print a run's metadata and its first score rows."""
+    result = _store(store).get(run_id)
+    spec = result.meta["spec"]
+    out.print(f"run {result.run_id}: {spec['method']} on {spec['task']['name']} with {spec['model']['name']} "
+              f"(params {spec['params']}, {result.meta.get('duration_s') or 0:.2f} s)")
+    out.print(result.scores.head(rows).to_string(index=False))
+
+
+@app.command()
+def export(run_id: str, format: str = typer.Option("parquet", "--format", help="parquet or csv."),
+           out_file: Path = typer.Option(..., "--out", help="File to write."), store: Optional[Path] = StoreOpt):
+    """Write a run's score frame to a Parquet or CSV file."""
+    if format not in ("parquet", "csv"):
+        raise WorkbenchError(f"unknown export format '{format}'; use parquet or csv")
+    result = _store(store).get(run_id)
+    if format == "csv":
+        result.scores.to_csv(out_file, index=False)
+    else:
+        result.scores.to_parquet(out_file, index=False)
+    err.print(f"wrote {len(result.scores)} rows of run {result.run_id} to {out_file}")
+
+
+@app.command()
+def rm(run_id: str, store: Optional[Path] = StoreOpt):
+    """Delete one run from the store."""
+    key = _store(store).delete(run_id)
+    err.print(f"deleted run {key[:16]}")
+
+
+@app.command()
+def models(all: bool = typer.Option(False, "--all", help="Also list every Hugging Face name TransformerLens supports.")):
+    """List registry models (and, with --all, hub names TransformerLens supports)."""
+    from workbench.models import DEFAULT_MODEL, REGISTRY
+
+    for name, entry in REGISTRY.items():
+        out.print(f"{name}  {entry.description}{'  [default]' if name == DEFAULT_MODEL else ''}")
+    out.print("DIR  a local TransformerLens model directory (config.json + model.safetensors) or Hugging Face directory")
+    if all:
+        from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES
+
+        for name in OFFICIAL_MODEL_NAMES:
+            out.print(f"{name}  (Hugging Face hub)")
+
+
+@app.command()
+def tasks():
+    """List task generators with their parameters and defaults."""
+    import dataclasses
+
+    from workbench.tasks import TASKS
+
+    for name, gen in TASKS.items():
+        params = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(gen.params))
+        out.print(f"{name}  {gen.description}  ({params})")
+    out.print('task_file=FILE.jsonl  your own rows {"clean", "corrupted", "answer", "wrong"}')
+
+
+@app.command()
+def methods():
+    """List registered methods, one a line, name first."""
+    import dataclasses
+
+    from workbench.methods import all_methods
+
+    for name, m in all_methods().items():
+        params = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(m.params))
+        out.print(f"{name}  {m.description}  ({params})")
+
+
+def _serve(store_dir: Optional[Path], host: str, port: int) -> None:
+    from workbench.store import Store
+
+    root = Store(store_dir).root
+    env = {**os.environ, "WORKBENCH_HOME": str(root)}
+    cmd = [sys.executable, "-m", "streamlit", "run", str(APP_FILE), "--server.address", host, "--server.port", str(port),
+           "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    err.print(f"dashboard on http://{host}:{port} (store {root}); Ctrl-C stops it")
+    try:
+        subprocess.run(cmd, env=env, check=False)
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def dashboard(store: Optional[Path] = StoreOpt, host: str = typer.Option("127.0.0.1", help="Address to serve on."),
+              port: int = typer.Option(8501, help="Port.")):
+    """Serve the dashboard on the store until interrupted."""
+    _serve(store, host, port)
+
+
+@app.command()
+def demo(store: Optional[Path] = StoreOpt, serve: bool = typer.Option(True, "--serve/--no-serve", help="Serve the dashboard afterwards."),
+         host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8501)):
+    """The main job: the demo analyses on the embedded model into the store, then the dashboard."""
+    outcomes = _run_job(DEMO_JOB, store, "local")
+    root = _store(store).root
+    out.print(f"results are in {root}: `workbench ls --store {root}`, `workbench show RUN_ID --store {root}`")
+    for o in outcomes:
+        if o.spec.method == "logit_diff":
+            r = _store(store).get(o.run_id)
+            out.print(f"{o.spec.task}: mean logit diff clean {r.value('logit_diff_clean_mean'):.3f}, "
+                      f"corrupted {r.value('logit_diff_corrupted_mean'):.3f}")
+    if serve:
+        _serve(store, host, port)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except WorkbenchError as e:
+        err.print(f"error: {e}", markup=False)
+        sys.exit(2)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Run a registered method on a model and task through the store (the one path every entry point uses)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from workbench import __version__
+from workbench.methods import get_method
+from workbench.params import to_dict
+from workbench.result import SCHEMA_VERSION, Result
+from workbench.store import Store
+
+
+def run_spec(model, task, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The store key's content: everything that determines the result."""
+    m = get_method(method)
+    return {
+        "model": model.identity.key(),
+        "task": task.spec(),
+        "method": m.name,
+        "method_version": m.version,
+        "params": to_dict(m.parse(params)),
+        "schema": SCHEMA_VERSION,
+    }
+
+
+def run_method(model, task, method: str, params: dict[str, Any] | None = None, store: Store | None = None) -> Result:
+    """The stored result of `method` on (model, task, params), computing and storing it if new."""
+    m = get_method(method)
+    parsed = m.parse(params)
+    spec = run_spec(model, task, method, params)
+    store = store if store is not None else Store()
+
+    def compute() -> Result:
+        result = m.fn(model, task, parsed)
+        result.meta.update(workbench_version=__version__, device=str(model.device))
+        return result
+
+    return store.get_or_compute(spec, compute)
