@@ -149,25 +149,33 @@ def _check(run: RunSpec, source: str) -> None:
 
 
 def execute(runs: list[RunSpec], store, executor: str = "local", progress=None) -> list[RunOutcome]:
-    """Run every spec through the store, loading each model once. `progress(i, n, label)` reports."""
+    """Run every spec through the store. `progress(i, n, label)` reports.
+
+    Two phases: first every run's model identity, task and store key (cheap: cached models
+    load their weights lazily), so a bad prompt file or model anywhere in the job fails before
+    anything is written; then the runs whose results are not stored yet.
+    """
     if executor not in EXECUTORS:
         raise WorkbenchError(f"unknown executor '{executor}'; available: {', '.join(EXECUTORS)}")
     from workbench.models import load_model
     from workbench.runner import run_method
     from workbench.tasks import build_task
 
-    outcomes: list[RunOutcome] = []
     models: dict[ModelSpec, Any] = {}
-    order = sorted(range(len(runs)), key=lambda i: str(runs[i].model))
-    for n, i in enumerate(order):
-        run = runs[i]
-        if progress:
-            progress(n, len(runs), run.label())
+    planned = []
+    for run in runs:
         if run.model not in models:
-            models.clear()  # one model in memory at a time
             models[run.model] = load_model(run.model)
         model = models[run.model]
-        task = build_task(model, run.task, run.task_params, run.task_file) if run.task_file is None else build_task(model, task_file=run.task_file)
+        if run.task_file is not None:
+            task = build_task(model, task_file=run.task_file)
+        else:
+            task = build_task(model, run.task, run.task_params)
+        planned.append((run, model, task))
+    outcomes: list[RunOutcome] = []
+    for n, (run, model, task) in enumerate(planned):
+        if progress:
+            progress(n, len(runs), run.label())
         result = run_method(model, task, run.method, run.params, store)
         outcomes.append(RunOutcome(run, result.run_id, bool(result.meta.get("cached"))))
     if progress:

@@ -251,8 +251,9 @@ class Store:
     def catalog(self, **filters: str) -> pd.DataFrame:
         """All runs (done, running, failed, interrupted), newest first; filter on any column by equality
         (`params` by substring)."""
-        if not self._catalog_path.is_file():
+        if not (self.root / "runs").is_dir():
             return pd.DataFrame(columns=CATALOG_COLUMNS)
+        self._ensure()
         self._reconcile()
         with closing(self._connect()) as db:
             frame = pd.read_sql_query("SELECT * FROM runs ORDER BY created DESC", db)

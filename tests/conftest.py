@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny TransformerLens model built in-process, the embedded model, a temporary store.
+
+The suite never touches the user's store: WORKBENCH_HOME points at a temporary directory for the
+whole session. The model cache (WORKBENCH_CACHE) is shared, so the embedded model is converted
+once per machine, as a user would see it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKBENCH = str(Path(sys.executable).parent / "workbench")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("workbench_home")
+    os.environ["WORKBENCH_HOME"] = str(home)
+    yield home
+
+
+def make_toy_tl(n_layers=2, n_heads=4, d_head=8, d_vocab=50, n_ctx=64, seed=0, attn_only=True, **extra):
+    """A small random HookedTransformer (no tokenizer): token ids in, logits out."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    torch.manual_seed(seed)
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers, n_heads=n_heads, d_head=d_head, d_model=n_heads * d_head, d_vocab=d_vocab,
+        n_ctx=n_ctx, attn_only=attn_only, act_fn=None if attn_only else "gelu", seed=seed,
+        normalization_type="LN", init_weights=True, **extra,
+    )
+    tl = HookedTransformer(cfg)
+    tl.eval()
+    return tl
+
+
+@pytest.fixture(scope="session")
+def toy_dir(tmp_path_factory):
+    """A TransformerLens toy-model directory as researchers share them: config.json + model.safetensors."""
+    from workbench.models import save_tl_dir
+
+    path = tmp_path_factory.mktemp("toy") / "toy-attn-2l"
+    save_tl_dir(make_toy_tl(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy(toy_dir):
+    from workbench.models import load_model
+
+    return load_model(str(toy_dir))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from workbench.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture()
+def store(tmp_path):
+    from workbench.store import Store
+
+    return Store(tmp_path / "store")

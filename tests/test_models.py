@@ -1,0 +1,124 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import make_toy_tl
+from workbench.errors import WorkbenchError
+from workbench.models import ModelSpec, from_hooked_transformer, load_model, save_tl_dir
+
+
+def top_token(model, text):
+    ids = torch.tensor([model.to_tokens(text)])
+    with torch.no_grad():
+        return model.decode([model(ids)[0, -1].argmax()])
+
+
+def test_embedded_model_answers_ioi_and_a_fact(smollm2):
+    assert top_token(smollm2, "When Mary and John went to the store, John gave a drink to") == " Mary"
+    assert top_token(smollm2, "The capital of France is") == " Paris"
+
+
+def test_embedded_model_shape_and_grouped_query_attention(smollm2):
+    assert (smollm2.n_layers, smollm2.n_heads, smollm2.n_kv_heads, smollm2.d_head) == (30, 9, 3, 64)
+    assert smollm2.tl.cfg.n_key_value_heads == 3
+    assert smollm2.tl.blocks[0].attn._W_K.shape[0] == 3
+
+
+def test_embedded_model_matches_huggingface_logprobs(smollm2):
+    """The processed TransformerLens model must give the GGUF model's own log-probs."""
+    from transformers import AutoModelForCausalLM
+
+    from workbench.models import SMOLLM2_GGUF, _smollm2_gguf
+
+    gguf = _smollm2_gguf()
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    text = "Alice opened the door and saw that the garden was full of"
+    ids = torch.tensor([smollm2.to_tokens(text)])
+    with torch.no_grad():
+        ours = smollm2(ids).log_softmax(-1)
+        theirs = hf(ids).logits.log_softmax(-1)
+    assert (ours - theirs).abs().max().item() < 1e-3
+
+
+def test_embedded_model_bos_choice_is_explicit_and_keyed(smollm2):
+    ids = smollm2.to_tokens("The capital of France is")
+    assert ids == smollm2.tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
+    assert smollm2.identity.prepend_bos is False
+    with_bos = load_model(ModelSpec("smollm2-135m", prepend_bos=True))
+    assert with_bos.to_tokens("The capital")[0] == smollm2.tokenizer.bos_token_id
+    assert with_bos.identity.key() != smollm2.identity.key()
+    assert with_bos.identity.weights_hash == smollm2.identity.weights_hash
+
+
+def test_embedded_model_cache_is_lazy_and_identity_stable(smollm2):
+    again = load_model("smollm2-135m")
+    assert not again.loaded  # identity, tokenizer and shapes come without reading the weights
+    assert again.identity == smollm2.identity
+    assert again.n_layers == 30 and again.d_vocab == 49152
+    from workbench.models import weights_hash
+
+    assert weights_hash(again.tl) == smollm2.identity.weights_hash
+
+
+def test_toy_dir_roundtrip_gives_identical_logits(tmp_path):
+    tl = make_toy_tl(seed=3)
+    path = save_tl_dir(tl, tmp_path / "toy")
+    model = load_model(str(path))
+    tokens = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        assert torch.allclose(model(tokens), tl(tokens), atol=1e-6)
+    assert model.identity.source == "tl-dir"
+    assert (model.n_layers, model.n_heads, model.d_head) == (2, 4, 8)
+
+
+def test_plain_toy_dir_without_workbench_metadata_loads(tmp_path):
+    """config.json (HookedTransformerConfig fields) + model.safetensors (its state dict), nothing else."""
+    tl = make_toy_tl(seed=4)
+    d = tmp_path / "shared_toy"
+    d.mkdir()
+    cfg = {"n_layers": 2, "n_heads": 4, "d_head": 8, "d_model": 32, "d_vocab": 50, "n_ctx": 64,
+           "attn_only": True, "act_fn": None, "normalization_type": "LN"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    save_file({k: v.contiguous() for k, v in tl.state_dict().items()}, str(d / "model.safetensors"))
+    model = load_model(str(d))
+    tokens = torch.randint(0, 50, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(model(tokens), tl(tokens), atol=1e-6)
+
+
+def test_weights_hash_changes_with_any_weight():
+    tl = make_toy_tl(seed=5)
+    a = from_hooked_transformer(tl, "t").identity.weights_hash
+    assert from_hooked_transformer(tl, "t").identity.weights_hash == a
+    with torch.no_grad():
+        tl.blocks[1].attn.W_O[2, 3, 4] += 1e-3
+    assert from_hooked_transformer(tl, "t").identity.weights_hash != a
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("no-such-model-xyz", "unknown model 'no-such-model-xyz'"),
+        ("./does/not/exist", "is not a directory"),
+    ],
+)
+def test_bad_model_names_give_clear_errors(name, message):
+    with pytest.raises(WorkbenchError, match=message):
+        load_model(name)
+
+
+def test_directory_without_config_is_refused(tmp_path):
+    with pytest.raises(WorkbenchError, match="neither a TransformerLens model directory"):
+        load_model(str(tmp_path))
+
+
+def test_toy_dir_with_mismatched_weights_is_refused(tmp_path):
+    path = save_tl_dir(make_toy_tl(), tmp_path / "toy")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["n_layers"] = 3
+    (path / "config.json").write_text(json.dumps(cfg))
+    (path / "workbench.json").unlink()
+    with pytest.raises(WorkbenchError, match="does not match its config.json"):
+        load_model(str(path))

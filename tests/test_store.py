@@ -1,0 +1,139 @@
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from store_writer import result, spec
+from workbench.errors import WorkbenchError
+from workbench.result import Result
+from workbench.store import Store, content_key
+
+WRITER = str(Path(__file__).with_name("store_writer.py"))
+
+
+def writer(store, *args):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    return subprocess.Popen([sys.executable, WRITER, str(store.root), *map(str, args)], env=env)
+
+
+def test_put_get_roundtrip(store):
+    r = result(3)
+    key = store.put(spec(3), r)
+    back = store.get(key[:16])
+    pd.testing.assert_frame_equal(back.scores, r.scores)
+    assert torch.equal(back.tensors["big"], r.tensors["big"])
+    assert back.meta["spec"] == spec(3) and back.run_id == key[:16]
+
+
+def test_get_or_compute_computes_once_and_keys_on_every_input(store):
+    calls = []
+
+    def compute(i):
+        calls.append(i)
+        return result(i)
+
+    a = store.get_or_compute(spec(1), lambda: compute(1))
+    b = store.get_or_compute(spec(1), lambda: compute(1))
+    assert calls == [1] and a.meta["cached"] is False and b.meta["cached"] is True
+    changed = [dict(spec(1), params={"i": 2}), dict(spec(1), model={"name": "m", "weights_hash": "x"}), dict(spec(1), task={"name": "t2"})]
+    assert len({content_key(s) for s in changed} | {content_key(spec(1))}) == 4
+
+
+def test_user_error_in_compute_leaves_the_store_unchanged(store):
+    store.put(spec(0), result(0))
+    before = store.catalog()
+
+    def bad():
+        raise WorkbenchError("bad input")
+
+    with pytest.raises(WorkbenchError):
+        store.get_or_compute(spec(9), bad)
+    pd.testing.assert_frame_equal(store.catalog(), before)
+    assert not store.has(content_key(spec(9)))
+
+
+def test_other_failures_are_recorded_as_failed(store):
+    def broken():
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        store.get_or_compute(spec(5), broken)
+    row = store.catalog().iloc[0]
+    assert row["status"] == "failed" and "out of memory" in row["error"]
+
+
+def test_corrupted_entry_gives_a_clear_error(store):
+    key = store.put(spec(2), result(2))
+    (store.run_dir(key) / "scores.parquet").write_bytes(b"not parquet")
+    with pytest.raises(WorkbenchError, match="is corrupted"):
+        store.get(key[:16])
+
+
+def test_catalog_is_rebuilt_from_the_runs_when_lost(store):
+    keys = {store.put(spec(i), result(i)) for i in range(3)}
+    store.root.joinpath("catalog.sqlite").unlink()
+    for extra in ("catalog.sqlite-wal", "catalog.sqlite-shm"):
+        store.root.joinpath(extra).unlink(missing_ok=True)
+    assert set(store.catalog()["run_id"]) == {k[:16] for k in keys}
+
+
+def test_filters_and_delete(store):
+    store.put(spec(1), result(1))
+    k2 = store.put(dict(spec(2), method="other"), result(2))
+    assert list(store.catalog(method="other")["run_id"]) == [k2[:16]]
+    store.delete(k2[:16])
+    assert len(store.catalog()) == 1 and not store.has(k2)
+    with pytest.raises(WorkbenchError, match="no run"):
+        store.get(k2[:16])
+
+
+def test_killing_a_writer_never_leaves_a_partial_result(tmp_path):
+    """SIGKILL a process that keeps writing 1 MB results, at random instants, many times."""
+    store = Store(tmp_path / "s")
+    rng = random.Random(0)
+    for _ in range(10):
+        p = writer(store, "loop", 4)
+        time.sleep(rng.uniform(1.5, 3.0))  # imports take ~1.5 s; then a write every few ms
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    runs = store.catalog()
+    assert len(runs) > 0
+    for run_id in runs["run_id"]:
+        r = store.get(run_id)
+        i = r.meta["spec"]["params"]["i"]
+        assert len(r.scores) == 2000 and (r.scores["value"] == i).all()
+        assert torch.equal(r.tensors["big"], torch.full((256, 1024), float(i)))
+    assert all(d.name in set(runs["run_id"].map(lambda x: x[:2])) for d in (store.root / "runs").iterdir())
+    # the kills did land mid-write (staging directories were left behind), and are cleaned up
+    assert store.clean_tmp() > 0
+    assert list((store.root / "tmp").iterdir()) == []
+
+
+def test_concurrent_writers_compute_each_key_once(tmp_path):
+    store = Store(tmp_path / "s")
+    log = tmp_path / "computed.log"
+    shared = list(range(6))
+    procs = [writer(store, "compute", log, *shared[w:] + shared[:w], 100 + w) for w in range(4)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
+    computed = [int(line.split()[0]) for line in log.read_text().splitlines()]
+    assert sorted(computed) == sorted(shared + [100, 101, 102, 103])  # each key exactly once
+    runs = store.catalog()
+    assert len(runs) == 10 and set(runs["status"]) == {"done"}
+    for run_id in runs["run_id"]:
+        r = store.get(run_id)
+        assert (r.scores["value"] == r.meta["spec"]["params"]["i"]).all()
+
+
+def test_result_schema_is_enforced():
+    with pytest.raises(ValueError, match="unknown component"):
+        Result(pd.DataFrame({"component": ["neuron"], "metric": ["m"], "value": [1.0]}))
+    r = Result(pd.DataFrame({"component": ["head"], "layer": [1], "head": [2], "metric": ["m"], "value": [1]}))
+    assert list(r.scores.columns[:6]) == ["component", "layer", "head", "position", "metric", "value"]
+    assert str(r.scores["position"].dtype) == "Int64" and r.scores["value"].dtype == "float64"
