@@ -37,17 +37,21 @@ def _progress() -> Progress:
 
 
 def _run_job(job: Path, store_dir: Optional[Path], executor: str) -> list:
-    from workbench.jobs import execute, load_job
+    from workbench.jobs import EXECUTORS, execute, load_job, plan
 
     runs = load_job(job)
+    if executor not in EXECUTORS:
+        raise WorkbenchError(f"unknown executor '{executor}'; available: {', '.join(EXECUTORS)}")
     store = _store(store_dir)
+    with err.status(f"preparing {len(runs)} runs (models, tasks)"):
+        planned = plan(runs)
     with _progress() as bar:
-        task_id = bar.add_task("runs", total=len(runs))
+        task_id = bar.add_task("runs", total=len(planned))
 
         def report(i: int, n: int, label: str) -> None:
             bar.update(task_id, completed=i, description=label[:70])
 
-        outcomes = execute(runs, store, executor, progress=report)
+        outcomes = execute(planned, store, executor, progress=report)
     for o in outcomes:
         out.print(f"{o.run_id}  {'cached  ' if o.cached else 'computed'}  {o.spec.label()}")
     computed = sum(not o.cached for o in outcomes)

@@ -25,7 +25,7 @@ from workbench.errors import WorkbenchError
 from workbench.methods import get_method
 from workbench.models import DEFAULT_MODEL, ModelSpec, check_model_spec
 from workbench.params import list_valued
-from workbench.tasks import TASKS
+from workbench.tasks import DEFAULT_TASK, TASKS
 
 RUN_KEYS = {"model", "task", "task_file", "task_params", "method", "params"}
 EXECUTORS = ("local",)
@@ -92,7 +92,7 @@ def _expand(table: dict[str, Any], index: int, base_dir: Path, source: str) -> I
         method = combo["method"]
         if not isinstance(method, str):
             raise WorkbenchError(f"{where}: 'method' must be a name")
-        task = combo.get("task")
+        task = combo.get("task", DEFAULT_TASK if "task_file" not in combo else None)
         task_cls = TASKS[task].params if isinstance(task, str) and task in TASKS else None
         method_cls = get_method(method).params
         for tp in _grid(table.get("task_params", {}), lambda k: task_cls is not None and list_valued(task_cls, k)):
@@ -106,7 +106,7 @@ def _expand(table: dict[str, Any], index: int, base_dir: Path, source: str) -> I
                     raise WorkbenchError(f"{where}: 'task' must be a name")
                 yield RunSpec(
                     model=ModelSpec.parse(combo.get("model", DEFAULT_MODEL)),
-                    method=method, task=task if task_file is None else None, task_file=task_file,
+                    method=method, task=(task or DEFAULT_TASK) if task_file is None else None, task_file=task_file,
                     task_params=tp, params=mp,
                 )
 
@@ -140,7 +140,7 @@ def _check(run: RunSpec, source: str) -> None:
         else:
             from workbench.params import parse_params
 
-            name = run.task or "ioi"
+            name = run.task
             if name not in TASKS:
                 raise WorkbenchError(f"unknown task '{name}'; choose one of {sorted(TASKS)} or give a task_file")
             parse_params(TASKS[name].params, run.task_params, f"task '{name}'")
@@ -148,17 +148,20 @@ def _check(run: RunSpec, source: str) -> None:
         raise WorkbenchError(f"{where}: {e}") from None
 
 
-def execute(runs: list[RunSpec], store, executor: str = "local", progress=None) -> list[RunOutcome]:
-    """Run every spec through the store. `progress(i, n, label)` reports.
+@dataclass
+class PlannedRun:
+    spec: RunSpec
+    model: Any
+    task: Any
 
-    Two phases: first every run's model identity, task and store key (cheap: cached models
-    load their weights lazily), so a bad prompt file or model anywhere in the job fails before
-    anything is written; then the runs whose results are not stored yet.
+
+def plan(runs: list[RunSpec]) -> list[PlannedRun]:
+    """Every run's model and validated task, before anything is computed.
+
+    Cached models load their weights lazily, so this is cheap; it makes a bad prompt file or
+    model anywhere in a job fail before any result is written.
     """
-    if executor not in EXECUTORS:
-        raise WorkbenchError(f"unknown executor '{executor}'; available: {', '.join(EXECUTORS)}")
     from workbench.models import load_model
-    from workbench.runner import run_method
     from workbench.tasks import build_task
 
     models: dict[ModelSpec, Any] = {}
@@ -171,13 +174,22 @@ def execute(runs: list[RunSpec], store, executor: str = "local", progress=None) 
             task = build_task(model, task_file=run.task_file)
         else:
             task = build_task(model, run.task, run.task_params)
-        planned.append((run, model, task))
+        planned.append(PlannedRun(run, model, task))
+    return planned
+
+
+def execute(planned: list[PlannedRun], store, executor: str = "local", progress=None) -> list[RunOutcome]:
+    """Run planned runs through the store (stored ones are read back). `progress(i, n, label)` reports."""
+    if executor not in EXECUTORS:
+        raise WorkbenchError(f"unknown executor '{executor}'; available: {', '.join(EXECUTORS)}")
+    from workbench.runner import run_method
+
     outcomes: list[RunOutcome] = []
-    for n, (run, model, task) in enumerate(planned):
+    for n, p in enumerate(planned):
         if progress:
-            progress(n, len(runs), run.label())
-        result = run_method(model, task, run.method, run.params, store)
-        outcomes.append(RunOutcome(run, result.run_id, bool(result.meta.get("cached"))))
+            progress(n, len(planned), p.spec.label())
+        result = run_method(p.model, p.task, p.spec.method, p.spec.params, store)
+        outcomes.append(RunOutcome(p.spec, result.run_id, bool(result.meta.get("cached"))))
     if progress:
-        progress(len(runs), len(runs), "done")
+        progress(len(planned), len(planned), "done")
     return outcomes

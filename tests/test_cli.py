@@ -1,0 +1,131 @@
+import json
+import subprocess
+
+import pandas as pd
+import pytest
+
+from conftest import WORKBENCH
+
+
+def wb(*args, store=None):
+    cmd = [WORKBENCH, *map(str, args)] + (["--store", str(store)] if store is not None else [])
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def snapshot(path):
+    if not path.exists():
+        return None
+    return sorted((str(p.relative_to(path)), p.stat().st_size) for p in path.rglob("*") if p.is_file())
+
+
+@pytest.fixture()
+def grid_job(tmp_path, toy_dir):
+    job = tmp_path / "grid.toml"
+    job.write_text(f"""
+[[run]]
+model = "{toy_dir}"
+task = "induction"
+task_params = {{ n_prompts = [4, 8], seq_len = 5 }}
+method = "logit_diff"
+""")
+    return job
+
+
+def test_two_run_grid_writes_two_results_and_a_rerun_computes_nothing(tmp_path, grid_job):
+    store = tmp_path / "store"
+    first = wb("run", grid_job, store=store)
+    assert first.returncode == 0, first.stderr
+    lines = first.stdout.splitlines()
+    assert len(lines) == 2 and all(" computed " in line for line in lines)
+    before = snapshot(store / "runs")
+    second = wb("run", grid_job, store=store)
+    assert second.returncode == 0 and all(" cached " in line for line in second.stdout.splitlines())
+    assert snapshot(store / "runs") == before
+    listed = wb("ls", store=store).stdout.splitlines()
+    assert sorted(line.split()[0] for line in listed) == sorted(line.split()[0] for line in lines)
+
+
+def test_export_csv_and_parquet_hold_the_stored_scores(tmp_path, grid_job):
+    store = tmp_path / "store"
+    run_id = wb("run", grid_job, store=store).stdout.split()[0]
+    wb("export", run_id, "--format", "csv", "--out", tmp_path / "s.csv", store=store)
+    wb("export", run_id, "--format", "parquet", "--out", tmp_path / "s.parquet", store=store)
+    csv, pq = pd.read_csv(tmp_path / "s.csv"), pd.read_parquet(tmp_path / "s.parquet")
+    assert len(csv) == len(pq) > 0
+    assert set(pq["metric"]) >= {"logit_diff_clean_mean", "logit_diff_corrupted_mean"}
+    assert csv["value"].tolist() == pytest.approx(pq["value"].tolist())
+
+
+def assert_user_error(proc, fragment):
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_malformed_job_file(tmp_path):
+    job = tmp_path / "bad.toml"
+    job.write_text("[[run]\nmodel = ")
+    store = tmp_path / "store"
+    assert_user_error(wb("run", job, store=store), "is not valid TOML")
+    assert snapshot(store) is None
+
+
+def test_unknown_model_leaves_the_store_unchanged(tmp_path, grid_job):
+    store = tmp_path / "store"
+    wb("run", grid_job, store=store)
+    before = snapshot(store)
+    job = tmp_path / "unknown.toml"
+    job.write_text('[[run]]\nmodel = "gpt-9000-imaginary"\ntask = "ioi"\nmethod = "logit_diff"\n')
+    assert_user_error(wb("run", job, store=store), "unknown model 'gpt-9000-imaginary'")
+    assert snapshot(store) == before
+
+
+def test_mismatched_prompt_pair_fails_before_any_run_is_written(tmp_path, toy_dir):
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"clean": [1, 2, 3], "corrupted": [4, 5, 6], "answer": 7, "wrong": 8}) + "\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"clean": [1, 2, 3], "corrupted": [4, 5], "answer": 7, "wrong": 8}) + "\n")
+    job = tmp_path / "job.toml"
+    job.write_text(f'[[run]]\nmodel = "{toy_dir}"\ntask_file = ["good.jsonl", "bad.jsonl"]\nmethod = "logit_diff"\n')
+    store = tmp_path / "store"
+    assert_user_error(wb("run", job, store=store), "line 1: clean prompt is 3 tokens but corrupted is 2")
+    assert snapshot(store) is None
+
+
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        ('[[run]]\ntask = "ioi"\n', "missing 'method'"),
+        ('[[run]]\nmethod = "nope"\n', "unknown method 'nope'"),
+        ('[[run]]\nmethod = "logit_diff"\nparams = { batch = 3 }\n', "has no parameter(s) ['batch']"),
+        ('[[run]]\nmethod = "logit_diff"\ntask = "ioi"\ntask_params = { n_prompts = "x" }\n', "should be int"),
+        ('[runs]\nmethod = "logit_diff"\n', "unknown top-level key(s) ['runs']"),
+    ],
+)
+def test_invalid_runs_are_refused(tmp_path, body, fragment):
+    job = tmp_path / "job.toml"
+    job.write_text(body)
+    assert_user_error(wb("run", job, store=tmp_path / "store"), fragment)
+    assert snapshot(tmp_path / "store") is None
+
+
+def test_listing_commands_put_the_name_first():
+    methods = wb("methods").stdout.splitlines()
+    assert "logit_diff" in [line.split()[0] for line in methods]
+    assert {"ioi", "induction", "factual", "needle", "corpus"} <= {line.split()[0] for line in wb("tasks").stdout.splitlines()}
+    assert wb("models").stdout.split()[0] == "smollm2-135m"
+
+
+def test_unknown_run_id_and_bad_executor(tmp_path, grid_job):
+    assert_user_error(wb("show", "abcd1234", store=tmp_path / "empty"), "no run 'abcd1234'")
+    assert_user_error(wb("run", grid_job, "--executor", "ray", store=tmp_path / "s"), "unknown executor 'ray'")
+
+
+def test_demo_computes_then_finds_everything_in_the_store(tmp_path):
+    store = tmp_path / "demo"
+    first = wb("demo", "--no-serve", store=store)
+    assert first.returncode == 0, first.stderr
+    assert "ioi: mean logit diff clean" in first.stdout and " computed " in first.stdout
+    second = wb("demo", "--no-serve", store=store)
+    assert second.returncode == 0 and " computed " not in second.stdout and " cached " in second.stdout
