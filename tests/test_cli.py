@@ -129,3 +129,12 @@ def test_demo_computes_then_finds_everything_in_the_store(tmp_path):
     assert "ioi: mean logit diff clean" in first.stdout and " computed " in first.stdout
     second = wb("demo", "--no-serve", store=store)
     assert second.returncode == 0 and " computed " not in second.stdout and " cached " in second.stdout
+
+
+def test_hub_model_offline_is_one_clear_error(tmp_path):
+    job = tmp_path / "hub.toml"
+    job.write_text('[[run]]\nmodel = "gpt2"\nmethod = "logit_diff"\n')
+    proc = subprocess.run([WORKBENCH, "run", str(job), "--store", str(tmp_path / "s")], capture_output=True, text=True,
+                          timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert_user_error(proc, "could not fetch 'gpt2' from the Hugging Face hub")
+    assert snapshot(tmp_path / "s") is None

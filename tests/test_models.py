@@ -122,3 +122,21 @@ def test_toy_dir_with_mismatched_weights_is_refused(tmp_path):
     (path / "workbench.json").unlink()
     with pytest.raises(WorkbenchError, match="does not match its config.json"):
         load_model(str(path))
+
+
+def test_local_huggingface_directory_loads_with_grouped_query_attention(tmp_path):
+    """A tiny Llama (4 query heads sharing 2 key/value heads) saved as a Hugging Face directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+    hf = LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "tiny-llama")
+    model = load_model(str(tmp_path / "tiny-llama"))
+    assert (model.n_layers, model.n_heads, model.n_kv_heads) == (2, 4, 2)
+    assert model.identity.source == "hf-dir"
+    tokens = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        diff = model(tokens).log_softmax(-1) - hf(tokens).logits.log_softmax(-1)
+    assert diff.abs().max().item() < 1e-4

@@ -366,20 +366,39 @@ def _place(tl, spec: ModelSpec, device: str):
 # ---------------------------------------------------------------------------------------------
 
 
-def _tl_from_hf(hf_model, tokenizer, hf_dir: Path, prepend_bos: bool):
-    """Convert a loaded HF causal LM into a processed HookedTransformer, as TL's from_pretrained does."""
+def _tl_from_hf(hf_model, tokenizer, hf_config: dict[str, Any], prepend_bos: bool):
+    """Convert a loaded HF causal LM into a processed HookedTransformer, as TL's from_pretrained does.
+
+    TransformerLens reads the config from a directory, and for paths whose name contains
+    "llama" or "gemma" it guesses from the name instead of reading it; so the config is handed
+    over in a temporary directory with a neutral name.
+    """
+    import tempfile
+
     import transformer_lens.loading_from_pretrained as lp
 
-    with warnings.catch_warnings():
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cfg = lp.get_pretrained_model_config(str(hf_dir), fold_ln=True, default_prepend_bos=prepend_bos, device="cpu")
-        state = lp.get_pretrained_state_dict(str(hf_dir), cfg, hf_model)
+        neutral = Path(tmp) / "model"
+        neutral.mkdir()
+        (neutral / "config.json").write_text(json.dumps(hf_config))
+        cfg = lp.get_pretrained_model_config(str(neutral), fold_ln=True, default_prepend_bos=prepend_bos, device="cpu")
+        state = lp.get_pretrained_state_dict(str(neutral), cfg, hf_model)
+    cfg.tokenizer_name = None  # the tokenizer (if any) is passed in; never look for one elsewhere
     tl = _hooked_transformer(cfg, tokenizer)
     is_layernorm = cfg.normalization_type in ("LN", "LNPre")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tl.load_and_process_state_dict(state, fold_ln=True, center_writing_weights=is_layernorm, center_unembed=True, fold_value_biases=True)
     return tl
+
+
+def _hf_config_dict(hf_model) -> dict[str, Any]:
+    config = hf_model.config.to_dict()
+    config.pop("quantization_config", None)  # GGUF-loaded models carry one; TransformerLens must not see it
+    config.setdefault("architectures", [type(hf_model).__name__])
+    config["architectures"] = config["architectures"] or [type(hf_model).__name__]
+    return config
 
 
 def _tokenizer_adds_bos(tokenizer) -> bool:
@@ -402,14 +421,18 @@ def _check_same_logprobs(hf_model, tl, tokenizer, prompts=("The capital of Franc
 def _load_hf_dir(path: Path, spec: ModelSpec, device: str) -> Model:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True) if has_tokenizer else None
         hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise WorkbenchError(f"could not load a Hugging Face causal LM from {path}: {e}") from e
-    prepend_bos = spec.prepend_bos if spec.prepend_bos is not None else _tokenizer_adds_bos(tokenizer)
+    if spec.prepend_bos is not None:
+        prepend_bos = spec.prepend_bos
+    else:
+        prepend_bos = tokenizer is not None and _tokenizer_adds_bos(tokenizer)
     try:
-        tl = _tl_from_hf(hf, tokenizer, path, prepend_bos)
+        tl = _tl_from_hf(hf, tokenizer, _hf_config_dict(hf), prepend_bos)
     except (ValueError, NotImplementedError, KeyError) as e:
         raise WorkbenchError(f"TransformerLens does not support the model in {path}: {e}") from e
     identity = ModelIdentity(str(path.resolve()), weights_hash(tl), prepend_bos, spec.dtype, "hf-dir")
@@ -433,6 +456,9 @@ def _load_hub(spec: ModelSpec, device: str) -> Model:
     from transformer_lens import HookedTransformer
 
     kwargs = {} if spec.prepend_bos is None else {"default_prepend_bos": spec.prepend_bos}
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # one error line, not a log line per retry
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -486,16 +512,7 @@ def _convert_smollm2(gguf: Path, target: Path) -> None:
     with console.status(f"converting the embedded model once into {target} (about 20 s)"):
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        hf_dir = target.parent / f".{target.name}.hf-{uuid.uuid4().hex}"
-        hf_dir.mkdir()
-        try:
-            config = hf.config.to_dict()
-            config.pop("quantization_config", None)  # save_pretrained refuses GGUF-loaded models
-            config["architectures"] = ["LlamaForCausalLM"]
-            (hf_dir / "config.json").write_text(json.dumps(config))
-            tl = _tl_from_hf(hf, tokenizer, hf_dir, prepend_bos=False)
-        finally:
-            shutil.rmtree(hf_dir, ignore_errors=True)
+        tl = _tl_from_hf(hf, tokenizer, _hf_config_dict(hf), prepend_bos=False)
         _check_same_logprobs(hf, tl, tokenizer)
         save_tl_dir(tl, target, tokenizer, {"name": "smollm2-135m", "prepend_bos": False, "source": "registry:" + gguf.name})
 
