@@ -138,3 +138,27 @@ def test_hub_model_offline_is_one_clear_error(tmp_path):
                           timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert_user_error(proc, "could not fetch 'gpt2' from the Hugging Face hub")
     assert snapshot(tmp_path / "s") is None
+
+
+def test_dashboard_serves_on_localhost(tmp_path):
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([WORKBENCH, "dashboard", "--store", str(tmp_path / "s"), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, body = time.time() + 90, None
+        while time.time() < deadline and body is None:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).read().decode()
+            except OSError:
+                time.sleep(0.5)
+        assert body == "ok"
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).status == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -83,7 +83,10 @@ def _python_docs() -> list[str]:
     cached = cache_dir() / "corpus" / f"python-docs-{sys.version_info.major}.{sys.version_info.minor}.jsonl"
     if cached.is_file():
         return _read_file(cached)
-    docs = list(_iter_python_docs())
+    from rich.console import Console
+
+    with Console(stderr=True).status("collecting the python-docs corpus once (a few seconds)"):
+        docs = list(_iter_python_docs())
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_name(f".{cached.name}.{uuid.uuid4().hex}")
     tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
