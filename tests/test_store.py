@@ -121,7 +121,15 @@ def test_concurrent_writers_compute_each_key_once(tmp_path):
     log = tmp_path / "computed.log"
     shared = list(range(6))
     procs = [writer(store, "compute", log, *shared[w:] + shared[:w], 100 + w) for w in range(4)]
+    reads = 0
+    while any(p.poll() is None for p in procs):  # a reader at the same time sees only whole results
+        runs = store.catalog()
+        for run_id in runs.loc[runs["status"] == "done", "run_id"]:
+            r = store.get(run_id)
+            assert len(r.scores) == 2000 and (r.scores["value"] == r.meta["spec"]["params"]["i"]).all()
+            reads += 1
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
+    assert reads > 0
     computed = [int(line.split()[0]) for line in log.read_text().splitlines()]
     assert sorted(computed) == sorted(shared + [100, 101, 102, 103])  # each key exactly once
     runs = store.catalog()

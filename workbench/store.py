@@ -257,7 +257,7 @@ class Store:
         self._reconcile()
         with closing(self._connect()) as db:
             frame = pd.read_sql_query("SELECT * FROM runs ORDER BY created DESC", db)
-        dead = (frame["status"] == "running") & ~frame["pid"].map(lambda p: p is not None and _pid_alive(int(p)))
+        dead = (frame["status"] == "running") & ~frame["pid"].map(lambda p: pd.notna(p) and _pid_alive(int(p)))
         frame.loc[dead, "status"] = "interrupted"
         for col, value in filters.items():
             if value is None:
