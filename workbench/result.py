@@ -16,7 +16,7 @@ from torch import Tensor
 from workbench.errors import WorkbenchError
 
 SCORE_COLUMNS = ["component", "layer", "head", "position", "metric", "value"]
-COMPONENTS = {"model", "head", "mlp", "resid", "attn", "embed", "sae_feature", "edge"}
+COMPONENTS = {"model", "head", "mlp", "resid", "attn", "embed", "bias", "sae_feature", "edge"}
 SCHEMA_VERSION = 1
 
 
