@@ -28,6 +28,7 @@ if __name__ == "__main__":
     store, mode = Store(sys.argv[1]), sys.argv[2]
     if mode == "loop":
         n = int(sys.argv[3])
+        print("writing", flush=True)
         while True:
             for i in range(n):
                 store.put({**spec(i), "round": time.time_ns()}, result(i))

@@ -20,7 +20,8 @@ WRITER = str(Path(__file__).with_name("store_writer.py"))
 
 def writer(store, *args):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    return subprocess.Popen([sys.executable, WRITER, str(store.root), *map(str, args)], env=env)
+    return subprocess.Popen([sys.executable, WRITER, str(store.root), *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, text=True)
 
 
 def test_put_get_roundtrip(store):
@@ -100,7 +101,8 @@ def test_killing_a_writer_never_leaves_a_partial_result(tmp_path):
     rng = random.Random(0)
     for _ in range(10):
         p = writer(store, "loop", 4)
-        time.sleep(rng.uniform(1.5, 3.0))  # imports take ~1.5 s; then a write every few ms
+        assert p.stdout.readline().strip() == "writing"  # imports done; from now on it writes non-stop
+        time.sleep(rng.uniform(0.05, 0.5))
         p.send_signal(signal.SIGKILL)
         p.wait()
     runs = store.catalog()

@@ -1,0 +1,237 @@
+"""Exact activation patching, fast: one engine, many thin sweeps (as TransformerLens's patching.py).
+
+Denoising patches clean activations into the corrupted run, noising corrupted activations into
+the clean run; metrics are normalised so 0 = corrupted baseline and 1 = clean baseline.
+
+Why it is faster than TransformerLens's loop (one full forward per patched index) with
+identical results:
+- every patched run starts at the patched layer from the base run's cached residual
+  (`start_at_layer`), and all patches of one layer run in one batch;
+- a patch at position p cannot change earlier positions (causal attention), so by-position
+  patches compute only positions p.. and read earlier keys and values from the base run
+  (a frozen TransformerLens KV cache);
+- the final norm and unembedding run only at each prompt's last token, where metrics read;
+- batches are chunked so memory stays bounded for long prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from workbench.errors import WorkbenchError
+
+# activation -> (hook name template, index kind)
+ACTIVATIONS = {
+    "resid_pre": ("blocks.{}.hook_resid_pre", "pos"),
+    "resid_mid": ("blocks.{}.hook_resid_mid", "pos"),
+    "resid_post": ("blocks.{}.hook_resid_post", "pos"),
+    "attn_out": ("blocks.{}.hook_attn_out", "pos"),
+    "mlp_out": ("blocks.{}.hook_mlp_out", "pos"),
+    "z": ("blocks.{}.attn.hook_z", "head"),
+    "q": ("blocks.{}.attn.hook_q", "head"),
+    "k": ("blocks.{}.attn.hook_k", "kv_head"),
+    "v": ("blocks.{}.attn.hook_v", "kv_head"),
+    "pattern": ("blocks.{}.attn.hook_pattern", "pattern"),
+}
+METRICS = ("logit_diff", "prob", "logprob", "kl")
+DIRECTIONS = ("denoise", "noise")
+
+
+@dataclass(frozen=True)
+class PatchIndex:
+    """One patch: layer, position (None = all positions) and head (None for layer-level activations)."""
+
+    layer: int
+    pos: int | None = None
+    head: int | None = None
+
+
+def hook_name(activation: str, layer: int) -> str:
+    return ACTIVATIONS[activation][0].format(layer)
+
+
+def _set(act: Tensor, src: Tensor, kind: str, idx: PatchIndex, offset: int) -> None:
+    """Write the source activation into `act` at `idx`, in place; positions are relative to `offset`."""
+    p = None if idx.pos is None else idx.pos - offset
+    if kind == "pos":
+        if p is None:
+            act[:] = src
+        else:
+            act[:, p] = src[:, p]
+    elif kind in ("head", "kv_head"):
+        if p is None:
+            act[:, :, idx.head] = src[:, :, idx.head]
+        else:
+            act[:, p, idx.head] = src[:, p, idx.head]
+    else:  # pattern: [batch, head, query, key]; by position means the query (destination) position
+        if p is None:
+            act[:, idx.head] = src[:, idx.head]
+        else:
+            act[:, idx.head, p] = src[:, idx.head, p]
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def metric_values(metric: str, final_logits: Float[Tensor, "batch vocab"], answers: Int[Tensor, "batch"],
+                  wrongs: Int[Tensor, "batch"], clean_logprobs: Float[Tensor, "batch vocab"]) -> Float[Tensor, "batch"]:
+    """The per-prompt metric at the final token."""
+    idx = torch.arange(final_logits.shape[0], device=final_logits.device)
+    if metric == "logit_diff":
+        return final_logits[idx, answers] - final_logits[idx, wrongs]
+    logprobs = final_logits.log_softmax(-1)
+    if metric == "logprob":
+        return logprobs[idx, answers]
+    if metric == "prob":
+        return logprobs[idx, answers].exp()
+    if metric == "kl":  # KL(clean || patched): 0 when the output equals the clean run's
+        return (clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(-1)
+    raise WorkbenchError(f"unknown metric '{metric}'; choose one of {', '.join(METRICS)}")
+
+
+@dataclass
+class Baselines:
+    clean: float
+    corrupted: float
+
+    def normalise(self, value: Tensor) -> Tensor:
+        gap = self.clean - self.corrupted
+        if abs(gap) < 1e-9:
+            raise WorkbenchError(
+                "the metric is the same on clean and corrupted prompts, so patching effects cannot be normalised; "
+                "check that the corrupted prompts actually change the answer"
+            )
+        return (value - self.corrupted) / gap
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine
+# ---------------------------------------------------------------------------------------------
+
+
+class PatchingRun:
+    """Cached clean and corrupted runs of one task, and batched patched runs on top of them."""
+
+    def __init__(self, model, task, metric: str = "logit_diff", direction: str = "denoise"):
+        if metric not in METRICS:
+            raise WorkbenchError(f"unknown metric '{metric}'; choose one of {', '.join(METRICS)}")
+        if direction not in DIRECTIONS:
+            raise WorkbenchError(f"unknown direction '{direction}'; choose 'denoise' (clean into corrupted) or 'noise'")
+        self.model, self.task, self.metric, self.direction = model, task, metric, direction
+        tl = model.tl
+        device = model.device
+        self.clean_tokens, self.lengths = task.tokens("clean", device=device)
+        self.corrupt_tokens, _ = task.tokens("corrupted", device=device)
+        self.answers, self.wrongs = task.answer_ids(device), task.wrong_ids(device)
+        with torch.no_grad():
+            clean_logits, self.clean_cache = tl.run_with_cache(self.clean_tokens)
+            corrupt_logits, self.corrupt_cache = tl.run_with_cache(self.corrupt_tokens)
+        self.final_idx = self.lengths - 1
+        rows = torch.arange(len(task), device=device)
+        clean_final, corrupt_final = clean_logits[rows, self.final_idx], corrupt_logits[rows, self.final_idx]
+        self.clean_logprobs = clean_final.log_softmax(-1)
+        clean_v = self._values(clean_final)
+        corrupt_v = self._values(corrupt_final)
+        self.baselines = Baselines(clean_v.mean().item(), corrupt_v.mean().item())
+        denoise = direction == "denoise"
+        self.base_cache = self.corrupt_cache if denoise else self.clean_cache
+        self.source_cache = self.clean_cache if denoise else self.corrupt_cache
+        self.base_final = corrupt_final if denoise else clean_final
+
+    def _values(self, final_logits: Tensor, repeats: int = 1) -> Tensor:
+        return metric_values(self.metric, final_logits, self.answers.repeat(repeats), self.wrongs.repeat(repeats),
+                             self.clean_logprobs.repeat(repeats, 1))
+
+    def _kv_prefix(self, start_layer: int, offset: int, copies: int):
+        """A frozen KV cache holding the base run's keys and values before `offset`, `copies` times."""
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+        cfg = self.model.cfg
+        cache = TransformerLensKeyValueCache.init_cache(cfg, self.model.device, batch_size=len(self.task) * copies)
+        for layer in range(start_layer, cfg.n_layers):
+            entry = cache.entries[layer]
+            entry.past_keys = self.base_cache[f"blocks.{layer}.attn.hook_k"][:, :offset].repeat(copies, 1, 1, 1)
+            entry.past_values = self.base_cache[f"blocks.{layer}.attn.hook_v"][:, :offset].repeat(copies, 1, 1, 1)
+        cache.freeze()
+        return cache
+
+    @torch.no_grad()
+    def run(self, activation: str, indices: list[PatchIndex], chunk_tokens: int = 16384, progress: bool = True) -> Tensor:
+        """The batch-mean metric (unnormalised) for each patch index, in order."""
+        if activation not in ACTIVATIONS:
+            raise WorkbenchError(f"unknown activation '{activation}'; choose one of {', '.join(ACTIVATIONS)}")
+        kind = ACTIVATIONS[activation][1]
+        out = torch.empty(len(indices))
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, idx in enumerate(indices):
+            groups.setdefault((idx.layer, idx.pos or 0), []).append(i)
+        batch, n_pos = self.clean_tokens.shape
+        bar = tqdm(total=len(indices), desc=f"patching {activation}", disable=not progress, leave=False)
+        for (layer, offset), members in groups.items():
+            per_copy = batch * (n_pos - offset)
+            size = max(1, chunk_tokens // max(1, per_copy))
+            for start in range(0, len(members), size):
+                chunk = members[start : start + size]
+                out[chunk] = self._run_chunk(activation, kind, layer, offset, [indices[i] for i in chunk]).cpu()
+                bar.update(len(chunk))
+        bar.close()
+        return out
+
+    def _run_chunk(self, activation: str, kind: str, layer: int, offset: int, chunk: list[PatchIndex]) -> Tensor:
+        tl, batch, n = self.model.tl, len(self.task), len(chunk)
+        name = hook_name(activation, layer)
+        src = self.source_cache[name]
+        src = src[:, :, offset:] if kind == "pattern" else src[:, offset:]
+
+        def hook(act, hook):
+            view = act.view(n, batch, *act.shape[1:])
+            for j, idx in enumerate(chunk):
+                _set(view[j], src, kind, idx, offset)
+            return act
+
+        x = self.base_cache[f"blocks.{layer}.hook_resid_pre"][:, offset:].repeat(n, 1, 1)
+        kv = self._kv_prefix(layer, offset, n) if offset > 0 else None
+        resid = tl.run_with_hooks(x, start_at_layer=layer, stop_at_layer=self.model.n_layers, past_kv_cache=kv,
+                                  fwd_hooks=[(name, hook)])
+        final = self.final_idx.repeat(n) - offset
+        reached = final >= 0  # prompts that end before the patched position are unchanged
+        rows = torch.arange(n * batch, device=resid.device)
+        last = resid[rows, final.clamp(min=0)]
+        logits = tl.unembed(tl.ln_final(last[:, None, :]))[:, 0]
+        logits = torch.where(reached[:, None], logits, self.base_final.repeat(n, 1))
+        return self._values(logits, n).view(n, batch).mean(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# index sets for the standard sweeps
+# ---------------------------------------------------------------------------------------------
+
+
+def layer_pos_indices(model, n_pos: int, by_position: bool = True) -> list[PatchIndex]:
+    positions: Iterable[int | None] = range(n_pos) if by_position else [None]
+    return [PatchIndex(layer, pos) for layer in range(model.n_layers) for pos in positions]
+
+
+def head_indices(model, activation: str, n_pos: int, by_position: bool,
+                 heads: list[tuple[int, int]] | None = None) -> list[PatchIndex]:
+    n_heads = model.n_kv_heads if ACTIVATIONS[activation][1] == "kv_head" else model.n_heads
+    chosen = heads if heads is not None else [(layer, h) for layer in range(model.n_layers) for h in range(n_heads)]
+    positions: Iterable[int | None] = range(n_pos) if by_position else [None]
+    return [PatchIndex(layer, pos, h) for layer, h in chosen for pos in positions]
+
+
+def sweep(model, task, activation: str, indices_fn: Callable[[int], list[PatchIndex]], metric: str = "logit_diff",
+          direction: str = "denoise", chunk_tokens: int = 16384) -> tuple[list[PatchIndex], Tensor, Tensor, Baselines]:
+    """Run one sweep; returns indices, normalised and raw batch-mean metric per index, and baselines."""
+    run = PatchingRun(model, task, metric, direction)
+    indices = indices_fn(run.clean_tokens.shape[1])
+    raw = run.run(activation, indices, chunk_tokens)
+    return indices, run.baselines.normalise(raw), raw, run.baselines
