@@ -9,10 +9,13 @@ from workbench.errors import WorkbenchError
 HEAD_RE = re.compile(r"^L(\d+)H(\d+)$")
 
 
-def parse_heads(model, heads: list[str] | None) -> list[tuple[int, int]]:
-    """`None` means every head; otherwise names like "L5H3", each checked against the model."""
+def parse_heads(model, heads: list[str] | None, n_heads: int | None = None) -> list[tuple[int, int]]:
+    """`None` means every head; otherwise names like "L5H3", each checked against the model.
+
+    `n_heads` overrides the head count (key/value heads under grouped-query attention)."""
+    n_heads = n_heads or model.n_heads
     if heads is None:
-        return [(layer, h) for layer in range(model.n_layers) for h in range(model.n_heads)]
+        return [(layer, h) for layer in range(model.n_layers) for h in range(n_heads)]
     if not heads:
         raise WorkbenchError("heads is an empty list; name heads like \"L5H3\" or leave it out for all heads")
     out = []
@@ -21,9 +24,9 @@ def parse_heads(model, heads: list[str] | None) -> list[tuple[int, int]]:
         if not m:
             raise WorkbenchError(f"'{name}' is not a head name; write heads as L<layer>H<head>, e.g. L5H3")
         layer, head = int(m[1]), int(m[2])
-        if layer >= model.n_layers or head >= model.n_heads:
+        if layer >= model.n_layers or head >= n_heads:
             raise WorkbenchError(
-                f"head {name} is outside the model ({model.n_layers} layers x {model.n_heads} heads: L0H0..L{model.n_layers - 1}H{model.n_heads - 1})"
+                f"head {name} is outside the model ({model.n_layers} layers x {n_heads} heads: L0H0..L{model.n_layers - 1}H{n_heads - 1})"
             )
         out.append((layer, head))
     return out

@@ -17,7 +17,7 @@ identical results:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from jaxtyping import Float, Int
@@ -120,7 +120,8 @@ class Baselines:
 class PatchingRun:
     """Cached clean and corrupted runs of one task, and batched patched runs on top of them."""
 
-    def __init__(self, model, task, metric: str = "logit_diff", direction: str = "denoise"):
+    def __init__(self, model, task, metric: str = "logit_diff", direction: str = "denoise",
+                 activations: tuple[str, ...] = tuple(ACTIVATIONS)):
         if metric not in METRICS:
             raise WorkbenchError(f"unknown metric '{metric}'; choose one of {', '.join(METRICS)}")
         if direction not in DIRECTIONS:
@@ -131,9 +132,18 @@ class PatchingRun:
         self.clean_tokens, self.lengths = task.tokens("clean", device=device)
         self.corrupt_tokens, _ = task.tokens("corrupted", device=device)
         self.answers, self.wrongs = task.answer_ids(device), task.wrong_ids(device)
+        unknown = [a for a in activations if a not in ACTIVATIONS]
+        if unknown:
+            raise WorkbenchError(f"unknown activation(s) {unknown}; choose from {', '.join(ACTIVATIONS)}")
+        self.activations = tuple(activations)
+        # only what patched runs read: the base run's residual and keys/values, and the patched activations
+        names = {f"blocks.{layer}.{n}" for layer in range(model.n_layers)
+                 for n in ("hook_resid_pre", "attn.hook_k", "attn.hook_v")}
+        names |= {hook_name(a, layer) for a in activations for layer in range(model.n_layers)}
+        names = {n for n in names if n in tl.hook_dict}
         with torch.no_grad():
-            clean_logits, self.clean_cache = tl.run_with_cache(self.clean_tokens)
-            corrupt_logits, self.corrupt_cache = tl.run_with_cache(self.corrupt_tokens)
+            clean_logits, self.clean_cache = tl.run_with_cache(self.clean_tokens, names_filter=lambda n: n in names)
+            corrupt_logits, self.corrupt_cache = tl.run_with_cache(self.corrupt_tokens, names_filter=lambda n: n in names)
         self.final_idx = self.lengths - 1
         rows = torch.arange(len(task), device=device)
         clean_final, corrupt_final = clean_logits[rows, self.final_idx], corrupt_logits[rows, self.final_idx]
@@ -166,8 +176,8 @@ class PatchingRun:
     @torch.no_grad()
     def run(self, activation: str, indices: list[PatchIndex], chunk_tokens: int = 16384, progress: bool = True) -> Tensor:
         """The batch-mean metric (unnormalised) for each patch index, in order."""
-        if activation not in ACTIVATIONS:
-            raise WorkbenchError(f"unknown activation '{activation}'; choose one of {', '.join(ACTIVATIONS)}")
+        if activation not in self.activations:
+            raise WorkbenchError(f"activation '{activation}' was not cached for this run; cached: {', '.join(self.activations)}")
         kind = ACTIVATIONS[activation][1]
         out = torch.empty(len(indices))
         groups: dict[tuple[int, int], list[int]] = {}
@@ -226,12 +236,3 @@ def head_indices(model, activation: str, n_pos: int, by_position: bool,
     chosen = heads if heads is not None else [(layer, h) for layer in range(model.n_layers) for h in range(n_heads)]
     positions: Iterable[int | None] = range(n_pos) if by_position else [None]
     return [PatchIndex(layer, pos, h) for layer, h in chosen for pos in positions]
-
-
-def sweep(model, task, activation: str, indices_fn: Callable[[int], list[PatchIndex]], metric: str = "logit_diff",
-          direction: str = "denoise", chunk_tokens: int = 16384) -> tuple[list[PatchIndex], Tensor, Tensor, Baselines]:
-    """Run one sweep; returns indices, normalised and raw batch-mean metric per index, and baselines."""
-    run = PatchingRun(model, task, metric, direction)
-    indices = indices_fn(run.clean_tokens.shape[1])
-    raw = run.run(activation, indices, chunk_tokens)
-    return indices, run.baselines.normalise(raw), raw, run.baselines

@@ -1,0 +1,128 @@
+"""Exact patching equals TransformerLens's own reference functions; identities that must hold."""
+
+import pandas as pd
+import pytest
+import torch
+import transformer_lens.patching as P
+
+from conftest import make_toy_tl
+from circuits.patching import PatchIndex, PatchingRun, head_indices, layer_pos_indices
+from workbench.errors import WorkbenchError
+from workbench.models import from_hooked_transformer
+from workbench.runner import run_method
+from workbench.tasks import build_task
+
+
+@pytest.fixture(scope="module")
+def toy_mlp():
+    return from_hooked_transformer(make_toy_tl(seed=1, attn_only=False, d_mlp=64), "toy-mlp")
+
+
+def tl_metric(run, task):
+    rows = torch.arange(len(task))
+
+    def metric(logits):
+        last = logits[rows, run.final_idx]
+        return (last[rows, task.answer_ids()] - last[rows, task.wrong_ids()]).mean()
+
+    return metric
+
+
+CASES = [  # activation, reference function, by_position, axis order of the reference -> ours
+    ("resid_pre", P.get_act_patch_resid_pre, True, None),
+    ("resid_mid", P.get_act_patch_resid_mid, True, None),
+    ("attn_out", P.get_act_patch_attn_out, True, None),
+    ("mlp_out", P.get_act_patch_mlp_out, True, None),
+    ("z", P.get_act_patch_attn_head_out_all_pos, False, None),
+    ("z", P.get_act_patch_attn_head_out_by_pos, True, (0, 2, 1)),
+    ("q", P.get_act_patch_attn_head_q_all_pos, False, None),
+    ("q", P.get_act_patch_attn_head_q_by_pos, True, (0, 2, 1)),
+    ("k", P.get_act_patch_attn_head_k_by_pos, True, (0, 2, 1)),
+    ("v", P.get_act_patch_attn_head_v_all_pos, False, None),
+    ("v", P.get_act_patch_attn_head_v_by_pos, True, (0, 2, 1)),
+    ("pattern", P.get_act_patch_attn_head_pattern_all_pos, False, None),
+    ("pattern", P.get_act_patch_attn_head_pattern_by_pos, True, None),
+]
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+@pytest.mark.parametrize("activation, reference, by_position, order", CASES, ids=[f"{c[0]}-{c[1].__name__ if hasattr(c[1], '__name__') else i}" for i, c in enumerate(CASES)])
+def test_equals_transformerlens_on_a_toy_model(toy_mlp, activation, reference, by_position, order, direction):
+    task = build_task(toy_mlp, "induction", {"n_prompts": 4, "seq_len": 6})
+    run = PatchingRun(toy_mlp, task, "logit_diff", direction, (activation,))
+    n_pos = run.clean_tokens.shape[1]
+    if activation in ("resid_pre", "resid_mid", "attn_out", "mlp_out"):
+        indices = layer_pos_indices(toy_mlp, n_pos, by_position)
+    else:
+        indices = head_indices(toy_mlp, activation, n_pos, by_position)
+    ours = run.run(activation, indices, chunk_tokens=64, progress=False)  # small chunks: several per layer
+    base_tokens = run.corrupt_tokens if direction == "denoise" else run.clean_tokens
+    ref = reference(toy_mlp.tl, base_tokens, run.source_cache, tl_metric(run, task))
+    ref = (ref.permute(*order) if order else ref).reshape(-1)
+    assert torch.allclose(ours, ref, atol=1e-4)
+
+
+def test_grouped_query_keys_and_values_equal_transformerlens_on_the_embedded_model(smollm2):
+    task = build_task(smollm2, "ioi", {"n_prompts": 3, "templates": ["When {A} and {B} went to the {PLACE}, {S} gave a {OBJECT} to"]})
+    run = PatchingRun(smollm2, task, activations=("k", "v", "z"))
+    n = run.clean_tokens.shape[1]
+    for activation, ref_fn, rows in [
+        ("k", P.get_act_patch_attn_head_k_by_pos, [(layer, p, h) for layer in (2, 21) for p in (1, 9, n - 1) for h in range(3)]),
+        ("v", P.get_act_patch_attn_head_v_by_pos, [(layer, p, h) for layer in (2, 21) for p in (1, 9, n - 1) for h in range(3)]),
+        ("z", P.get_act_patch_attn_head_out_by_pos, [(23, p, h) for p in (0, 5, n - 1) for h in (0, 3, 8)]),
+    ]:
+        index_df = pd.DataFrame(rows, columns=["layer", "pos", "head"])
+        ref = P.generic_activation_patch(smollm2.tl, run.corrupt_tokens, run.clean_cache, tl_metric(run, task),
+                                         patch_setter=ref_fn.keywords["patch_setter"], activation_name=activation,
+                                         index_df=index_df)
+        ours = run.run(activation, [PatchIndex(*r) for r in rows], progress=False)
+        assert torch.allclose(ours, ref.cpu(), atol=1e-4), activation
+
+
+@pytest.mark.parametrize("metric", ["logit_diff", "prob", "logprob", "kl"])
+def test_patching_the_whole_residual_restores_the_clean_metric(smollm2, store, metric):
+    task = build_task(smollm2, "ioi", {"n_prompts": 4})
+    result = run_method(smollm2, task, "patching.resid", {"metric": metric, "by_position": False}, store)
+    values = result.metric(f"patch_{metric}")["value"]
+    assert len(values) == smollm2.n_layers
+    assert values.to_numpy() == pytest.approx(1.0, abs=1e-3)
+    noised = run_method(smollm2, task, "patching.resid", {"metric": metric, "by_position": False, "direction": "noise"}, store)
+    assert noised.metric(f"patch_{metric}")["value"].to_numpy() == pytest.approx(0.0, abs=1e-3)
+
+
+def test_mixed_length_prompts_patch_per_position(smollm2):
+    """Prompts of different lengths: a patch past a prompt's end leaves that prompt unchanged."""
+    task = build_task(smollm2, "factual", {"n_prompts": 4})
+    lengths = sorted({len(c) for c in task.clean})
+    assert len(lengths) > 1
+    run = PatchingRun(smollm2, task, activations=("resid_pre",))
+    whole = run.run("resid_pre", [PatchIndex(layer, None) for layer in (0, 10)], progress=False)
+    assert run.baselines.normalise(whole).numpy() == pytest.approx(1.0, abs=1e-3)
+    # patching every position one at a time at layer 0 must, position by position, match a full forward
+    pos = lengths[0] - 1
+    ours = run.run("resid_pre", [PatchIndex(0, pos)], progress=False)
+    tokens = run.corrupt_tokens.clone()
+    tokens[:, pos] = run.clean_tokens[:, pos]
+    with torch.no_grad():
+        logits = smollm2(tokens)
+    rows = torch.arange(len(task))
+    last = logits[rows, run.final_idx]
+    expected = (last[rows, task.answer_ids()] - last[rows, task.wrong_ids()]).mean()
+    assert ours.item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_head_sweep_method_frame_and_bad_input(smollm2, store, toy):
+    task = build_task(smollm2, "ioi", {"n_prompts": 2})
+    result = run_method(smollm2, task, "patching.attn_head", {"heads": ["L23H3", "L5H0"]}, store)
+    rows = result.metric("patch_logit_diff")
+    assert list(zip(rows["layer"], rows["head"])) == [(23, 3), (5, 0)]
+    kv = run_method(smollm2, task, "patching.attn_head", {"activation": "k", "heads": ["L3H2"]}, store)
+    assert set(kv.scores["head_kind"]) == {"kv"}
+    with pytest.raises(WorkbenchError, match="outside the model"):
+        run_method(smollm2, task, "patching.attn_head", {"activation": "v", "heads": ["L3H5"]}, store)  # 3 KV heads
+    with pytest.raises(WorkbenchError, match="unknown metric"):
+        run_method(smollm2, task, "patching.resid", {"metric": "accuracy"}, store)
+    toy_task = build_task(toy, "induction", {"n_prompts": 2, "seq_len": 4})
+    with pytest.raises(WorkbenchError, match="attention-only"):
+        run_method(toy, toy_task, "patching.mlp_out", {}, store)
+    assert store.catalog(status="failed").empty
