@@ -24,6 +24,7 @@ from workbench.errors import WorkbenchError
 from workbench.methods import register
 from workbench.result import Result
 from circuits.heads_spec import parse_heads
+from circuits.patching import unembed_final
 
 
 def answer_directions(model, task) -> Float[Tensor, "batch d_model"]:
@@ -195,7 +196,7 @@ def logit_lens(model, task, params: LogitLensParams) -> Result:
         resid = [_final(cache[f"blocks.{layer}.hook_resid_pre"], lengths) for layer in range(n)]
         resid.append(_final(cache[f"blocks.{n - 1}.hook_resid_post"], lengths))
         stack = torch.stack(resid, 0)  # [n+1, batch, d_model]
-        logits = tl.unembed(tl.ln_final(stack[:, :, None, :]))[:, :, 0]  # [n+1, batch, vocab]
+        logits = unembed_final(tl, stack[:, :, None, :])[:, :, 0]  # [n+1, batch, vocab]
         a, w = task.answer_ids(logits.device)[sl], task.wrong_ids(logits.device)[sl]
         idx = torch.arange(len(tokens), device=logits.device)
         diff = logits[:, idx, a] - logits[:, idx, w]

@@ -76,6 +76,13 @@ def _set(act: Tensor, src: Tensor, kind: str, idx: PatchIndex, offset: int) -> N
             act[:, idx.head, p] = src[:, idx.head, p]
 
 
+def unembed_final(tl, resid: Float[Tensor, "... pos d_model"]) -> Float[Tensor, "... pos d_vocab"]:
+    """Final norm (when the model has one) and unembedding of a residual stream."""
+    if tl.cfg.normalization_type is not None:
+        resid = tl.ln_final(resid)
+    return tl.unembed(resid)
+
+
 # ---------------------------------------------------------------------------------------------
 # metrics
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +222,7 @@ class PatchingRun:
         reached = final >= 0  # prompts that end before the patched position are unchanged
         rows = torch.arange(n * batch, device=resid.device)
         last = resid[rows, final.clamp(min=0)]
-        logits = tl.unembed(tl.ln_final(last[:, None, :]))[:, 0]
+        logits = unembed_final(tl, last[:, None, :])[:, 0]
         logits = torch.where(reached[:, None], logits, self.base_final.repeat(n, 1))
         return self._values(logits, n).view(n, batch).mean(1)
 

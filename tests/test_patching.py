@@ -79,15 +79,22 @@ def test_grouped_query_keys_and_values_equal_transformerlens_on_the_embedded_mod
         assert torch.allclose(ours, ref.cpu(), atol=1e-4), activation
 
 
-@pytest.mark.parametrize("metric", ["logit_diff", "prob", "logprob", "kl"])
-def test_patching_the_whole_residual_restores_the_clean_metric(smollm2, store, metric):
-    task = build_task(smollm2, "ioi", {"n_prompts": 4})
-    result = run_method(smollm2, task, "patching.resid", {"metric": metric, "by_position": False}, store)
+def assert_whole_residual_restores(model, task, store, metric):
+    result = run_method(model, task, "patching.resid", {"metric": metric, "by_position": False}, store)
     values = result.metric(f"patch_{metric}")["value"]
-    assert len(values) == smollm2.n_layers
+    assert len(values) == model.n_layers
     assert values.to_numpy() == pytest.approx(1.0, abs=1e-3)
-    noised = run_method(smollm2, task, "patching.resid", {"metric": metric, "by_position": False, "direction": "noise"}, store)
+    noised = run_method(model, task, "patching.resid", {"metric": metric, "by_position": False, "direction": "noise"}, store)
     assert noised.metric(f"patch_{metric}")["value"].to_numpy() == pytest.approx(0.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("metric", ["logit_diff", "prob", "logprob", "kl"])
+def test_patching_the_whole_residual_restores_the_clean_metric(toy_mlp, store, metric):
+    assert_whole_residual_restores(toy_mlp, build_task(toy_mlp, "induction", {"n_prompts": 4, "seq_len": 6}), store, metric)
+
+
+def test_patching_the_whole_residual_restores_the_clean_metric_on_the_embedded_model(smollm2, store):
+    assert_whole_residual_restores(smollm2, build_task(smollm2, "ioi", {"n_prompts": 3}), store, "logit_diff")
 
 
 def test_mixed_length_prompts_patch_per_position(smollm2):

@@ -183,12 +183,29 @@ def demo(store: Optional[Path] = StoreOpt, serve: bool = typer.Option(True, "--s
     root = _store(store).root
     out.print(f"results are in {root}: `workbench ls --store {root}`, `workbench show RUN_ID --store {root}`")
     for o in outcomes:
-        if o.spec.method == "logit_diff":
-            r = _store(store).get(o.run_id)
-            out.print(f"{o.spec.task}: mean logit diff clean {r.value('logit_diff_clean_mean'):.3f}, "
-                      f"corrupted {r.value('logit_diff_corrupted_mean'):.3f}")
+        line = _summary(_store(store).get(o.run_id), o.spec.task, o.spec.method)
+        if line:
+            out.print(line)
     if serve:
         _serve(store, host, port)
+
+
+def _summary(result, task: str, method: str) -> str | None:
+    """One line a researcher wants first from a demo result."""
+    from workbench.result import head_name
+
+    scores = result.scores
+    if method == "logit_diff":
+        return (f"{task}: mean logit diff clean {result.value('logit_diff_clean_mean'):.3f}, "
+                f"corrupted {result.value('logit_diff_corrupted_mean'):.3f}")
+    heads = scores[(scores["component"] == "head") & scores["metric"].isin(["patch_logit_diff", "dla"])]
+    if "prompt" in heads:
+        heads = heads[heads["prompt"].isna()]
+    if heads.empty:
+        return None
+    top = heads.reindex(heads["value"].abs().sort_values(ascending=False).index).head(5)
+    listed = ", ".join(f"{head_name(r.layer, r.head)} {r.value:+.2f}" for r in top.itertuples())
+    return f"{task} {method}: top heads {listed}"
 
 
 def main() -> None:
