@@ -40,9 +40,9 @@ def attribution_patch(model, task, activations: tuple[str, ...] = ("z",), metric
     """Estimated normalised effect per activation: [layer, pos?, head?] tensors, plus the baselines."""
     if metric not in METRICS:
         raise WorkbenchError(f"unknown metric '{metric}'; choose one of {', '.join(METRICS)}")
-    unknown = [a for a in activations if a not in ACTIVATIONS]
-    if unknown or not activations:
-        raise WorkbenchError(f"activations must be a non-empty list of {', '.join(ACTIVATIONS)}; got {list(activations)}")
+    supported = [a for a in ACTIVATIONS if not a.endswith("_per_query")]
+    if not activations or any(a not in supported for a in activations):
+        raise WorkbenchError(f"activations must be a non-empty list of {', '.join(supported)}; got {list(activations)}")
     if "mlp_out" in activations and model.cfg.attn_only:
         raise WorkbenchError(f"model '{model.name}' is attention-only: it has no MLP outputs")
     tl = model.tl

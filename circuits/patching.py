@@ -38,6 +38,10 @@ ACTIVATIONS = {
     "k": ("blocks.{}.attn.hook_k", "kv_head"),
     "v": ("blocks.{}.attn.hook_v", "kv_head"),
     "pattern": ("blocks.{}.attn.hook_pattern", "pattern"),
+    # a key or value as one query head sees it (under grouped-query attention the key/value head
+    # is shared by its group; these patch it for a single query head): patched where it is used
+    "k_per_query": ("blocks.{}.attn.hook_attn_scores", "k_per_query"),
+    "v_per_query": ("blocks.{}.attn.hook_z", "v_per_query"),
 }
 METRICS = ("logit_diff", "prob", "logprob", "kl")
 DIRECTIONS = ("denoise", "noise")
@@ -53,7 +57,18 @@ class PatchIndex:
 
 
 def hook_name(activation: str, layer: int) -> str:
+    """Where a patch of `activation` is written."""
     return ACTIVATIONS[activation][0].format(layer)
+
+
+def source_hook(model, activation: str, layer: int) -> str:
+    """Where the patched-in values are read from the source run."""
+    if activation == "k_per_query":
+        rotary = model.cfg.positional_embedding_type == "rotary"
+        return f"blocks.{layer}.attn.hook_{'rot_k' if rotary else 'k'}"
+    if activation == "v_per_query":
+        return f"blocks.{layer}.attn.hook_v"
+    return hook_name(activation, layer)
 
 
 def _set(act: Tensor, src: Tensor, kind: str, idx: PatchIndex, offset: int) -> None:
@@ -146,7 +161,7 @@ class PatchingRun:
         # only what patched runs read: the base run's residual and keys/values, and the patched activations
         names = {f"blocks.{layer}.{n}" for layer in range(model.n_layers)
                  for n in ("hook_resid_pre", "attn.hook_k", "attn.hook_v")}
-        names |= {hook_name(a, layer) for a in activations for layer in range(model.n_layers)}
+        names |= {source_hook(model, a, layer) for a in activations for layer in range(model.n_layers)}
         names = {n for n in names if n in tl.hook_dict}
         with torch.no_grad():
             clean_logits, self.clean_cache = tl.run_with_cache(self.clean_tokens, names_filter=lambda n: n in names)
@@ -204,20 +219,23 @@ class PatchingRun:
 
     def _run_chunk(self, activation: str, kind: str, layer: int, offset: int, chunk: list[PatchIndex]) -> Tensor:
         tl, batch, n = self.model.tl, len(self.task), len(chunk)
-        name = hook_name(activation, layer)
-        src = self.source_cache[name]
-        src = src[:, :, offset:] if kind == "pattern" else src[:, offset:]
+        if kind in ("k_per_query", "v_per_query"):
+            hooks = self._per_query_hooks(activation, layer, offset, chunk)
+        else:
+            src = self.source_cache[hook_name(activation, layer)]
+            src = src[:, :, offset:] if kind == "pattern" else src[:, offset:]
 
-        def hook(act, hook):
-            view = act.view(n, batch, *act.shape[1:])
-            for j, idx in enumerate(chunk):
-                _set(view[j], src, kind, idx, offset)
-            return act
+            def hook(act, hook):
+                view = act.view(n, batch, *act.shape[1:])
+                for j, idx in enumerate(chunk):
+                    _set(view[j], src, kind, idx, offset)
+                return act
 
+            hooks = [(hook_name(activation, layer), hook)]
         x = self.base_cache[f"blocks.{layer}.hook_resid_pre"][:, offset:].repeat(n, 1, 1)
         kv = self._kv_prefix(layer, offset, n) if offset > 0 else None
         resid = tl.run_with_hooks(x, start_at_layer=layer, stop_at_layer=self.model.n_layers, past_kv_cache=kv,
-                                  fwd_hooks=[(name, hook)])
+                                  fwd_hooks=hooks)
         final = self.final_idx.repeat(n) - offset
         reached = final >= 0  # prompts that end before the patched position are unchanged
         rows = torch.arange(n * batch, device=resid.device)
@@ -225,6 +243,55 @@ class PatchingRun:
         logits = unembed_final(tl, last[:, None, :])[:, 0]
         logits = torch.where(reached[:, None], logits, self.base_final.repeat(n, 1))
         return self._values(logits, n).view(n, batch).mean(1)
+
+
+    def _per_query_hooks(self, activation: str, layer: int, offset: int, chunk: list[PatchIndex]):
+        """Hooks patching one query head's view of a key or value: its attention scores against the
+        source key (re-masked), or its output recomputed with the source value."""
+        model, batch, n = self.model, len(self.task), len(chunk)
+        group = model.n_heads // model.n_kv_heads
+        src = self.source_cache[source_hook(model, activation, layer)]  # [batch, pos, kv_head, d_head]
+        seen: dict[str, Tensor] = {}
+
+        def capture(act, hook):
+            seen[hook.name.rsplit(".", 1)[-1]] = act
+            return act
+
+        if activation == "k_per_query":
+            q_name = "hook_rot_q" if model.cfg.positional_embedding_type == "rotary" else "hook_q"
+            scale = model.tl.blocks[layer].attn.attn_scale
+
+            def scores(act, hook):  # [n*batch, head, query, key], queries at offset..
+                view = act.view(n, batch, *act.shape[1:])
+                q = seen[q_name].view(n, batch, *seen[q_name].shape[1:])  # [n, batch, query, head, d]
+                n_q, n_k = act.shape[-2], act.shape[-1]
+                future = torch.arange(n_k, device=act.device)[None, :] > (offset + torch.arange(n_q, device=act.device))[:, None]
+                for j, idx in enumerate(chunk):
+                    k = src[:, :, idx.head // group]  # [batch, key, d]
+                    if idx.pos is None:
+                        new = torch.einsum("bqd,bkd->bqk", q[j, :, :, idx.head], k) / scale
+                        view[j, :, idx.head] = new.masked_fill(future, float("-inf"))
+                    else:
+                        view[j, :, idx.head, :, idx.pos] = torch.einsum("bqd,bd->bq", q[j, :, :, idx.head], k[:, idx.pos]) / scale
+                return act
+
+            return [(f"blocks.{layer}.attn.{q_name}", capture), (f"blocks.{layer}.attn.hook_attn_scores", scores)]
+
+        def z_hook(act, hook):  # [n*batch, query, head, d]
+            view = act.view(n, batch, *act.shape[1:])
+            pattern = seen["hook_pattern"].view(n, batch, *seen["hook_pattern"].shape[1:])  # [n, batch, head, q, k]
+            current = seen["hook_v"].view(n, batch, *seen["hook_v"].shape[1:])  # [n, batch, new pos, kv_head, d]
+            for j, idx in enumerate(chunk):
+                kvh = idx.head // group
+                if idx.pos is None:
+                    view[j, :, :, idx.head] = torch.einsum("bqk,bkd->bqd", pattern[j, :, idx.head], src[:, :, kvh])
+                else:
+                    delta = src[:, idx.pos, kvh] - current[j, :, idx.pos - offset, kvh]  # [batch, d]
+                    view[j, :, :, idx.head] += pattern[j, :, idx.head, :, idx.pos, None] * delta[:, None, :]
+            return act
+
+        return [(f"blocks.{layer}.attn.hook_v", capture), (f"blocks.{layer}.attn.hook_pattern", capture),
+                (f"blocks.{layer}.attn.hook_z", z_hook)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 Every result row is one patch: `layer`, `position` (null = all positions), `head` (for head
 activations; a key/value head index for `k` and `v`, see `head_kind`), the normalised metric
 `patch_<metric>` (0 = corrupted baseline, 1 = clean) and the raw batch mean `patch_<metric>_raw`.
+Under grouped-query attention `k`/`v` patch a key/value head (and so its whole group of query
+heads); `k_per_query`/`v_per_query` patch the key or value as one query head sees it.
 """
 
 from __future__ import annotations
@@ -104,8 +106,9 @@ def patch_mlp_out(model, task, params: LayerOutPatchParams) -> Result:
           "patch every attention head's output (z) or its query, key, value or pattern, all positions or by position")
 def patch_attn_head(model, task, params: HeadPatchParams) -> Result:
     _check(params)
-    if params.activation not in ("z", "q", "k", "v", "pattern"):
-        raise WorkbenchError(f"activation must be one of z, q, k, v, pattern, not '{params.activation}'")
+    allowed = ("z", "q", "k", "v", "pattern", "k_per_query", "v_per_query")
+    if params.activation not in allowed:
+        raise WorkbenchError(f"activation must be one of {', '.join(allowed)}, not '{params.activation}'")
     kv = ACTIVATIONS[params.activation][1] == "kv_head"
     heads = parse_heads(model, params.heads, model.n_kv_heads if kv else None) if params.heads is not None else None
     run = PatchingRun(model, task, params.metric, params.direction, (params.activation,))

@@ -133,3 +133,39 @@ def test_head_sweep_method_frame_and_bad_input(smollm2, store, toy):
     with pytest.raises(WorkbenchError, match="attention-only"):
         run_method(toy, toy_task, "patching.mlp_out", {}, store)
     assert store.catalog(status="failed").empty
+
+
+def gqa_toy_and_twin():
+    """A rotary toy with 4 query heads sharing 2 key/value heads, and its multi-head twin (keys and
+    values repeated per query head): the same function, where each query head owns its key/value."""
+    from transformer_lens import HookedTransformer
+
+    gqa = make_toy_tl(seed=9, n_key_value_heads=2, positional_embedding_type="rotary", rotary_dim=8)
+    twin = HookedTransformer(gqa.cfg.__class__(**{**gqa.cfg.to_dict(), "n_key_value_heads": None}))
+    state = {}
+    for k, v in gqa.state_dict().items():
+        if k.split(".")[-1] in ("_W_K", "_W_V", "_b_K", "_b_V"):
+            k, v = k.replace("._", "."), v.repeat_interleave(2, dim=0)
+        state[k] = v
+    twin.load_state_dict(state, strict=False)
+    return from_hooked_transformer(gqa, "gqa"), from_hooked_transformer(twin.eval(), "twin")
+
+
+@pytest.mark.parametrize("by_position", [False, True])
+def test_per_query_head_keys_and_values_equal_the_multi_head_twin(by_position):
+    gqa, twin = gqa_toy_and_twin()
+    task = build_task(gqa, "induction", {"n_prompts": 3, "seq_len": 6})
+    tokens, _ = task.tokens()
+    with torch.no_grad():
+        assert torch.allclose(gqa(tokens), twin(tokens), atol=1e-5)
+    for per_query, plain in (("k_per_query", "k"), ("v_per_query", "v")):
+        ours = PatchingRun(gqa, task, activations=(per_query,))
+        ref = PatchingRun(twin, task, activations=(plain,))
+        n_pos = ours.clean_tokens.shape[1]
+        got = ours.run(per_query, head_indices(gqa, per_query, n_pos, by_position), progress=False)
+        want = ref.run(plain, head_indices(twin, plain, n_pos, by_position), progress=False)
+        assert torch.allclose(got, want, atol=1e-5), per_query
+    # and the grouped k patch is not the per-query one: it moves every head of the group
+    grouped = PatchingRun(gqa, task, activations=("k",)).run("k", [PatchIndex(1, None, 0)], progress=False)
+    single = PatchingRun(gqa, task, activations=("k_per_query",)).run("k_per_query", [PatchIndex(1, None, 0)], progress=False)
+    assert not torch.allclose(grouped, single, atol=1e-4)
