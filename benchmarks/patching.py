@@ -7,7 +7,9 @@ On the embedded model with IOI prompts of one template (equal length, as the ref
 - by-position head sweep (n_layers x n_pos x n_heads patches): ours in full; the reference on a
   random sample of indices, its full time extrapolated from that sample (it runs one full
   forward per index, so time is linear in the number of indices).
-Prints seconds, the ratio and the maximum absolute difference of the normalised metric.
+Prints seconds, the ratio and the maximum absolute difference of the normalised metric; then
+attribution patching of every head: its time as a multiple of one forward pass over the same
+prompts, and its Spearman correlation with the exact all-positions sweep.
 """
 
 import argparse
@@ -29,6 +31,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--sample", type=int, default=120, help="reference indices timed for the by-position sweep")
+    ap.add_argument("--quick", action="store_true",
+                    help="only our all-positions sweep and attribution patching (no reference loops, no by-position sweep)")
     args = ap.parse_args()
     model = load_model("smollm2-135m")
     task = build_task(model, "ioi", {"n_prompts": args.prompts, "templates": [TEMPLATE]})
@@ -46,13 +50,35 @@ def main():
     start = time.perf_counter()
     ours = run.baselines.normalise(run.run("z", head_indices(model, "z", n_pos, False), progress=False))
     t_ours = time.perf_counter() - start
-    start = time.perf_counter()
-    with torch.no_grad():
-        ref = P.get_act_patch_attn_head_out_all_pos(model.tl, run.corrupt_tokens, run.clean_cache, metric).reshape(-1).cpu()
-    t_ref = time.perf_counter() - start
-    print(f"all-positions head sweep ({len(ours)} patches): ours {t_ours:.1f} s, TransformerLens {t_ref:.1f} s, "
-          f"ratio {t_ref / t_ours:.1f}x, max |diff| {(ours - ref).abs().max():.2e}")
+    if args.quick:
+        print(f"all-positions head sweep ({len(ours)} patches): ours {t_ours:.1f} s")
+    else:
+        start = time.perf_counter()
+        with torch.no_grad():
+            ref = P.get_act_patch_attn_head_out_all_pos(model.tl, run.corrupt_tokens, run.clean_cache, metric).reshape(-1).cpu()
+        t_ref = time.perf_counter() - start
+        print(f"all-positions head sweep ({len(ours)} patches): ours {t_ours:.1f} s, TransformerLens {t_ref:.1f} s, "
+              f"ratio {t_ref / t_ours:.1f}x, max |diff| {(ours - ref).abs().max():.2e}")
 
+    exact_all_pos = ours.clone()
+    from circuits.attribution_patching import attribution_patch
+
+    with torch.no_grad():
+        model(run.clean_tokens)
+        start = time.perf_counter()
+        for _ in range(3):
+            model(run.clean_tokens)
+        t_forward = (time.perf_counter() - start) / 3
+    attribution_patch(model, task, ("z",))  # warm-up: first backward allocates
+    start = time.perf_counter()
+    est, _, _ = attribution_patch(model, task, ("z",))
+    t_atp = time.perf_counter() - start
+    rho = pd.Series(est["z"].reshape(-1).numpy()).corr(pd.Series(exact_all_pos.numpy()), method="spearman")
+    print(f"attribution patching, all heads: {t_atp:.2f} s = {t_atp / t_forward:.1f} forwards "
+          f"(one forward {t_forward:.2f} s); Spearman with exact head patching {rho:.3f}")
+
+    if args.quick:
+        return
     indices = head_indices(model, "z", n_pos, True)
     start = time.perf_counter()
     ours = run.baselines.normalise(run.run("z", indices, progress=False))

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from circuits.patching import ACTIVATIONS, METRICS, hook_name, metric_values
+from circuits.patching import ACTIVATIONS, METRICS, hook_name, metric_values, unembed_final
 from workbench.errors import WorkbenchError
 from workbench.methods import register
 from workbench.result import Result
@@ -52,9 +52,14 @@ def attribution_patch(model, task, activations: tuple[str, ...] = ("z",), metric
     answers, wrongs = task.answer_ids(device), task.wrong_ids(device)
     rows = torch.arange(len(task), device=device)
     names = [hook_name(a, layer) for a in activations for layer in range(model.n_layers)]
+    n_layers = model.n_layers
+
+    def final_logits(resid):  # unembed only where the metric reads: each prompt's last token
+        return unembed_final(tl, resid[rows, lengths - 1][:, None, :])[:, 0]
+
     with torch.no_grad():
-        clean_logits, clean_cache = tl.run_with_cache(clean, names_filter=lambda n: n in names)
-    clean_final = clean_logits[rows, lengths - 1]
+        clean_resid, clean_cache = tl.run_with_cache(clean, names_filter=lambda n: n in names, stop_at_layer=n_layers)
+    clean_final = final_logits(clean_resid)
     clean_logprobs = clean_final.log_softmax(-1)
     clean_value = metric_values(metric, clean_final, answers, wrongs, clean_logprobs).mean()
 
@@ -72,8 +77,7 @@ def attribution_patch(model, task, activations: tuple[str, ...] = ("z",), metric
 
     fwd = [("hook_embed", need_grad)] + [(n, save_act) for n in names]
     with torch.enable_grad(), tl.hooks(fwd_hooks=fwd, bwd_hooks=[(n, save_grad) for n in names]):
-        logits = tl(corrupt)
-        value = metric_values(metric, logits[rows, lengths - 1], answers, wrongs, clean_logprobs).mean()
+        value = metric_values(metric, final_logits(tl(corrupt, stop_at_layer=n_layers)), answers, wrongs, clean_logprobs).mean()
         value.backward()
     corrupt_value = value.item()
     gap = clean_value.item() - corrupt_value

@@ -162,3 +162,37 @@ def test_dashboard_serves_on_localhost(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_circuit_methods_run_from_a_job_file_and_export_in_the_schema(tmp_path):
+    job = tmp_path / "circuit.toml"
+    job.write_text("""
+[[run]]
+model = "smollm2-135m"
+task = "ioi"
+task_params = { n_prompts = 3 }
+method = "patching.attn_head"
+params = { heads = ["L23H3", "L24H4"], by_position = true }
+
+[[run]]
+task = "ioi"
+task_params = { n_prompts = 3 }
+method = "attribution.dla"
+
+[[run]]
+task = "ioi"
+task_params = { n_prompts = 3 }
+method = "patching.path"
+params = { receivers = ["L23H3"], receiver_input = "v", senders = ["L11H5", "L16H1"] }
+""")
+    store = tmp_path / "store"
+    proc = wb("run", job, store=store)
+    assert proc.returncode == 0, proc.stderr
+    run_ids = [line.split()[0] for line in proc.stdout.splitlines()]
+    assert len(run_ids) == 3
+    for run_id in run_ids:
+        out = tmp_path / f"{run_id}.csv"
+        assert wb("export", run_id, "--format", "csv", "--out", out, store=store).returncode == 0
+        frame = pd.read_csv(out)
+        assert list(frame.columns[:6]) == ["component", "layer", "head", "position", "metric", "value"]
+        assert frame["value"].notna().all()
