@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 import transformer_lens.patching as P
 
-from circuits.patching import PatchIndex, PatchingRun, head_indices
+from circuits.patching import PatchingRun, head_indices
 from workbench.models import load_model
 from workbench.tasks import build_task
 

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 
 from conftest import make_toy_tl
 from circuits.attribution_patching import attribution_patch

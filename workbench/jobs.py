@@ -24,7 +24,7 @@ from typing import Any, Iterator
 from workbench.errors import WorkbenchError
 from workbench.methods import get_method
 from workbench.models import DEFAULT_MODEL, ModelSpec, check_model_spec
-from workbench.params import list_valued
+from workbench.params import list_valued, parse_params
 from workbench.tasks import DEFAULT_TASK, TASKS
 
 RUN_KEYS = {"model", "task", "task_file", "task_params", "method", "params"}
@@ -138,8 +138,6 @@ def _check(run: RunSpec, source: str) -> None:
             if not Path(run.task_file).is_file():
                 raise WorkbenchError(f"task file {run.task_file} does not exist")
         else:
-            from workbench.params import parse_params
-
             name = run.task
             if name not in TASKS:
                 raise WorkbenchError(f"unknown task '{name}'; choose one of {sorted(TASKS)} or give a task_file")
