@@ -43,6 +43,7 @@ def test_two_run_grid_writes_two_results_and_a_rerun_computes_nothing(tmp_path, 
     assert snapshot(store / "runs") == before
     listed = wb("ls", store=store).stdout.splitlines()
     assert sorted(line.split()[0] for line in listed) == sorted(line.split()[0] for line in lines)
+    assert sum('"n_prompts": 4' in line for line in listed) == 1 and sum('"n_prompts": 8' in line for line in listed) == 1
 
 
 def test_export_csv_and_parquet_hold_the_stored_scores(tmp_path, grid_job):

@@ -79,7 +79,7 @@ def ls(store: Optional[Path] = StoreOpt,
         err.print(f"no runs in {_store(store).root}; try `workbench demo --no-serve` or `workbench run JOB.toml`")
         return
     for r in frame.itertuples():
-        out.print(f"{r.run_id}  {r.status:<11} {r.model}  {r.task}  {r.method}  {r.params}")
+        out.print(f"{r.run_id}  {r.status:<11} {r.model}  {r.task} {r.task_params}  {r.method} {r.params}")
 
 
 @app.command()

@@ -36,7 +36,8 @@ from workbench.paths import workbench_home
 from workbench.result import Result
 
 RUN_ID_LEN = 16
-CATALOG_COLUMNS = ["run_id", "model", "task", "method", "params", "status", "created", "duration_s", "size_bytes", "error"]
+CATALOG_COLUMNS = ["run_id", "model", "task", "task_params", "method", "params", "status", "created", "duration_s",
+                   "size_bytes", "error"]
 
 
 def canonical_json(obj: Any) -> str:
@@ -90,8 +91,9 @@ class Store:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         with closing(self._connect()) as db, db:
             db.execute(
-                "CREATE TABLE IF NOT EXISTS runs (key TEXT PRIMARY KEY, run_id TEXT, model TEXT, task TEXT, method TEXT,"
-                " params TEXT, status TEXT, created REAL, duration_s REAL, size_bytes INTEGER, error TEXT, pid INTEGER)"
+                "CREATE TABLE IF NOT EXISTS runs (key TEXT PRIMARY KEY, run_id TEXT, model TEXT, task TEXT, task_params TEXT,"
+                " method TEXT, params TEXT, status TEXT, created REAL, duration_s REAL, size_bytes INTEGER, error TEXT,"
+                " pid INTEGER)"
             )
 
     def _connect(self) -> sqlite3.Connection:
@@ -185,20 +187,22 @@ class Store:
         size = sum(f.stat().st_size for f in d.iterdir())
         row = (
             key, key[:RUN_ID_LEN], spec.get("model", {}).get("name"), spec.get("task", {}).get("name"),
+            json.dumps(spec.get("task", {}).get("params", {}), sort_keys=True),
             spec.get("method"), json.dumps(spec.get("params", {}), sort_keys=True), "done",
             meta.get("created"), meta.get("duration_s"), size, None, None,
         )
         with closing(self._connect()) as db, db:
-            db.execute("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", row)
+            db.execute("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
 
     def _mark(self, key: str, spec: dict[str, Any], status: str, error: str | None = None) -> None:
         self._ensure()
         row = (
-            key, key[:RUN_ID_LEN], spec["model"]["name"], spec["task"]["name"], spec["method"],
+            key, key[:RUN_ID_LEN], spec["model"]["name"], spec["task"]["name"],
+            json.dumps(spec["task"].get("params", {}), sort_keys=True), spec["method"],
             json.dumps(spec.get("params", {}), sort_keys=True), status, time.time(), None, None, error, os.getpid(),
         )
         with closing(self._connect()) as db, db:
-            db.execute("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", row)
+            db.execute("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
 
     def _unmark(self, key: str) -> None:
         with closing(self._connect()) as db, db:
@@ -250,7 +254,7 @@ class Store:
     # -- the catalog -------------------------------------------------------------------------
     def catalog(self, **filters: str) -> pd.DataFrame:
         """All runs (done, running, failed, interrupted), newest first; filter on any column by equality
-        (`params` by substring)."""
+        (`params` and `task_params` by substring)."""
         if not (self.root / "runs").is_dir():
             return pd.DataFrame(columns=CATALOG_COLUMNS)
         self._ensure()
@@ -264,7 +268,8 @@ class Store:
                 continue
             if col not in CATALOG_COLUMNS:
                 raise WorkbenchError(f"cannot filter runs on '{col}'; filter on one of {CATALOG_COLUMNS}")
-            frame = frame[frame[col].astype(str).str.contains(value, regex=False)] if col == "params" else frame[frame[col] == value]
+            substring = col in ("params", "task_params")
+            frame = frame[frame[col].astype(str).str.contains(value, regex=False)] if substring else frame[frame[col] == value]
         return frame[CATALOG_COLUMNS].reset_index(drop=True)
 
     def _reconcile(self) -> None:
