@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -162,10 +161,10 @@ def _serve(store_dir: Optional[Path], host: str, port: int) -> None:
     cmd = [sys.executable, "-m", "streamlit", "run", str(APP_FILE), "--server.address", host, "--server.port", str(port),
            "--server.headless", "true", "--browser.gatherUsageStats", "false"]
     err.print(f"dashboard on http://{host}:{port} (store {root}); Ctrl-C stops it")
-    try:
-        subprocess.run(cmd, env=env, check=False)
-    except KeyboardInterrupt:
-        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # become the server, so Ctrl-C and a terminating parent reach it directly (no orphaned child)
+    os.execve(sys.executable, cmd, env)
 
 
 @app.command()
