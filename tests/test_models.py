@@ -73,6 +73,26 @@ def test_toy_dir_roundtrip_gives_identical_logits(tmp_path):
     assert (model.n_layers, model.n_heads, model.d_head) == (2, 4, 8)
 
 
+@pytest.mark.parametrize("extra", [dict(attn_only=False, normalization_type="RMS", gated_mlp=True,
+                                        n_key_value_heads=2, positional_embedding_type="rotary", rotary_dim=8),
+                                   dict(attn_only=False, normalization_type="LN")])
+def test_linear_layout_keeps_logits_bit_identical_and_weights_hash(extra):
+    """The relaid weights are views with other strides: outputs and the identity must not move."""
+    from workbench.models import linear_layout, weights_hash
+
+    tl = make_toy_tl(seed=5, **extra)
+    tokens = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        before = tl(tokens)
+    hash_before = weights_hash(tl)
+    linear_layout(tl)
+    assert not tl.unembed.W_U.is_contiguous() and tl.unembed.W_U.T.is_contiguous()
+    assert not tl.blocks[0].attn.W_O.is_contiguous()
+    with torch.no_grad():
+        assert torch.equal(tl(tokens), before)
+    assert weights_hash(tl) == hash_before
+
+
 def test_plain_toy_dir_without_workbench_metadata_loads(tmp_path):
     """config.json (HookedTransformerConfig fields) + model.safetensors (its state dict), nothing else."""
     tl = make_toy_tl(seed=4)

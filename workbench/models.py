@@ -358,7 +358,38 @@ def _place(tl, spec: ModelSpec, device: str):
     tl.eval()
     for p in tl.parameters():
         p.requires_grad_(False)
+    linear_layout(tl)
     return tl
+
+
+# weight name -> (permutation to the layout TransformerLens's F.linear calls want, its inverse)
+_LINEAR_LAYOUTS = {
+    "W_U": ((1, 0), (1, 0)), "W_in": ((1, 0), (1, 0)), "W_gate": ((1, 0), (1, 0)), "W_out": ((1, 0), (1, 0)),
+    "W_Q": ((0, 2, 1), (0, 2, 1)), "W_K": ((0, 2, 1), (0, 2, 1)), "W_V": ((0, 2, 1), (0, 2, 1)),
+    "_W_K": ((0, 2, 1), (0, 2, 1)), "_W_V": ((0, 2, 1), (0, 2, 1)),
+    "W_O": ((2, 0, 1), (1, 2, 0)),
+}
+
+
+def linear_layout(tl) -> None:
+    """Store weights as views of tensors already in the layout TransformerLens hands to F.linear.
+
+    TransformerLens 3.9 copies most weights on every forward (`W_U.T.contiguous()`, W_Q/K/V/O
+    rearranged to `(head d_head) d_model`): on the embedded model that is ~0.25 s of a ~0.45 s
+    one-token decode step. With each weight a permuted view of a contiguous tensor in that
+    layout, those copies are no-ops. Values, shapes and kernels are unchanged, so outputs are
+    bit-identical (tested); only strides differ, and `save_tl_dir` writes contiguous copies.
+    """
+    for module in tl.modules():
+        for name, p in list(module._parameters.items()):
+            layout = _LINEAR_LAYOUTS.get(name)
+            if p is None or layout is None or p.dim() != len(layout[0]):
+                continue
+            forward, back = layout
+            if p.permute(*forward).is_contiguous():
+                continue
+            module._parameters[name] = torch.nn.Parameter(p.detach().permute(*forward).contiguous().permute(*back),
+                                                          requires_grad=p.requires_grad)
 
 
 # ---------------------------------------------------------------------------------------------
