@@ -1,3 +1,3 @@
 """Circuit-analysis methods; importing this package registers them with `workbench.methods`."""
 
-from circuits import attribution, attribution_patching, baseline, patching_methods, path_patching  # noqa: F401
+from circuits import attribution, attribution_patching, baseline, heads, patching_methods, path_patching, retrieval  # noqa: F401

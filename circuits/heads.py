@@ -1,0 +1,310 @@
+"""Head scores from attention patterns and ablations, one value per (layer, head), so any of them
+can go on the same layer x head map.
+
+- `heads.detect`: previous-token, duplicate-token and induction scores as TransformerLens's head
+  detector defines them ("mul": share of a head's attention on the detection pattern, averaged
+  over prompts); on an induction task also the behavioural loss on the first copy and the repeat.
+- `heads.sinks`: attention sinks as Gu et al. 2024 define them (alpha_k = mean attention token k
+  receives from the queries that can see it; sink rate = share of heads with alpha_1 > 0.3),
+  plus later positions and tokens that draw more attention than uniform attention would give.
+- `heads.distance`: each head's query-key distance profile (mean, spread, log2 histogram).
+- `heads.ablation`: the metric drop when a head's output is zero-, mean- or resample-ablated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from circuits.attention_pass import for_each_pattern
+from circuits.heads_spec import parse_heads
+from circuits.patching import METRICS, PatchingRun, head_indices
+from workbench.errors import WorkbenchError
+from workbench.methods import register
+from workbench.result import Result
+
+DETECTORS = ("previous_token", "duplicate_token", "induction")
+
+
+def head_frame(model, values: Tensor, metric: str) -> pd.DataFrame:
+    layers, heads = torch.meshgrid(torch.arange(model.n_layers), torch.arange(model.n_heads), indexing="ij")
+    return pd.DataFrame({"component": "head", "layer": layers.flatten().numpy(), "head": heads.flatten().numpy(),
+                         "metric": metric, "value": values.detach().cpu().double().flatten().numpy()})
+
+
+# ---------------------------------------------------------------------------------------------
+# detectors
+# ---------------------------------------------------------------------------------------------
+
+
+def detection_patterns(tokens: Int[Tensor, "batch pos"]) -> dict[str, Bool[Tensor, "batch query key"]]:
+    """TransformerLens's detection patterns, batched: where each head type should attend."""
+    n = tokens.shape[1]
+    q = torch.arange(n, device=tokens.device)[:, None]
+    k = torch.arange(n, device=tokens.device)[None, :]
+    duplicate = (tokens[:, :, None] == tokens[:, None, :]) & (k < q)
+    induction = torch.zeros_like(duplicate)
+    induction[:, :, 1:] = duplicate[:, :, :-1]  # attend to the token after an earlier copy of the current one
+    previous = (k == q - 1).expand_as(duplicate)
+    return {"previous_token": previous, "duplicate_token": duplicate, "induction": induction}
+
+
+@torch.no_grad()
+def detector_scores(model, tokens: Int[Tensor, "batch pos"], lengths: Int[Tensor, "batch"],
+                    exclude_bos: bool = False, exclude_current_token: bool = False,
+                    batch_size: int = 16) -> dict[str, Tensor]:
+    """{detector: [n_layers, n_heads]} mean over prompts of TransformerLens's "mul" score."""
+    sums = {d: torch.zeros(model.n_layers, model.n_heads) for d in DETECTORS}
+
+    def fn(layer, pattern, valid, rows):
+        p = pattern.float()
+        if exclude_bos or exclude_current_token:
+            p = p.clone()
+            if exclude_bos:
+                p[..., 0] = 0
+            if exclude_current_token:
+                p.diagonal(dim1=-2, dim2=-1).zero_()
+        p = p * valid[:, None, :, None]
+        total = p.sum((-2, -1))  # [batch, head]
+        for name, det in detection_patterns(tokens[rows, : p.shape[-1]]).items():
+            sums[name][layer] += ((p * det[:, None]).sum((-2, -1)) / total).sum(0).cpu()
+
+    for_each_pattern(model, tokens, lengths, fn, batch_size, desc="head detectors")
+    return {d: s / tokens.shape[0] for d, s in sums.items()}
+
+
+@torch.no_grad()
+def repeat_losses(model, task) -> tuple[float, float]:
+    """Mean next-token loss on the first copy and on the repeat of an induction task."""
+    tokens, lengths = task.tokens("clean", device=model.device)
+    logprobs = model(tokens).log_softmax(-1)
+    first, repeat = [], []
+    for i, row in enumerate(task.rows):
+        n = int(lengths[i])
+        nll = -logprobs[i, : n - 1].gather(-1, tokens[i, 1:n, None])[:, 0]  # loss of predicting token t+1 at t
+        first.append(nll[row["first_copy_start"] : row["repeat_start"] - 1])
+        repeat.append(nll[row["repeat_start"] - 1 :])
+    return torch.cat(first).mean().item(), torch.cat(repeat).mean().item()
+
+
+@dataclass
+class DetectParams:
+    exclude_bos: bool = False
+    exclude_current_token: bool = False
+    batch_size: int = 16
+
+
+@register("heads.detect", DetectParams,
+          "previous-token, duplicate-token and induction head scores (TransformerLens's head detector), per head")
+def detect_heads(model, task, params: DetectParams) -> Result:
+    tokens, lengths = task.tokens("clean", device=model.device)
+    scores = detector_scores(model, tokens, lengths, params.exclude_bos, params.exclude_current_token, params.batch_size)
+    frames = [head_frame(model, s, f"{name}_score") for name, s in scores.items()]
+    if task.rows and "repeat_start" in task.rows[0]:
+        first, repeat = repeat_losses(model, task)
+        frames.append(pd.DataFrame({"component": "model", "metric": ["induction_loss_first", "induction_loss_repeat"],
+                                    "value": [first, repeat]}))
+    return Result(pd.concat(frames, ignore_index=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# attention sinks
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SinkStats:
+    alpha: Tensor  # [layer, head, key pos]: mean attention key k receives from queries q >= k
+    uniform: Tensor  # [key pos]: what uniform causal attention would give key k
+    token_ratio: dict[int, tuple[float, int]]  # token id -> (attention received / uniform, occurrences), keys k >= 1
+
+
+@torch.no_grad()
+def sink_stats(model, tokens: Int[Tensor, "batch pos"], lengths: Int[Tensor, "batch"], batch_size: int = 16) -> SinkStats:
+    n_pos = tokens.shape[1]
+    alpha_sum = torch.zeros(model.n_layers, model.n_heads, n_pos)
+    prompts_per_key = torch.zeros(n_pos)
+    received = torch.zeros(tokens.shape[0], n_pos)  # received / uniform, summed over layers and heads
+    uniform_sum = torch.zeros(n_pos)
+    for length in lengths.tolist():
+        q = torch.arange(length, dtype=torch.float64)
+        prompts_per_key[:length] += 1
+        # mean over queries q >= k of 1 / (q + 1)
+        uniform_sum[:length] += (torch.flip(torch.cumsum(torch.flip(1 / (q + 1), [0]), 0), [0]) / (length - q)).float()
+
+    def fn(layer, pattern, valid, rows):
+        p = pattern.float() * valid[:, None, :, None]
+        width = p.shape[-1]
+        seen_by = valid.sum(1, keepdim=True) - torch.arange(width, device=p.device)[None, :]  # queries q >= k
+        seen_by = seen_by.clamp(min=1)
+        alpha_sum[layer, :, :width] += (p.sum(-2) / seen_by[:, None, :]).sum(0).cpu()
+        scaled = p * torch.arange(1, width + 1, device=p.device)[None, None, :, None]  # p * (q + 1): 1 under uniform
+        received[rows, :width] += (scaled.sum(-2).sum(1) / seen_by).cpu()
+
+    for_each_pattern(model, tokens, lengths, fn, batch_size, desc="attention sinks")
+    alpha = alpha_sum / prompts_per_key.clamp(min=1)
+    received /= model.n_layers * model.n_heads
+    token_ratio: dict[int, list[float]] = {}
+    for b, length in enumerate(lengths.tolist()):
+        for k in range(1, length):
+            token_ratio.setdefault(int(tokens[b, k]), []).append(float(received[b, k]))
+    return SinkStats(alpha, uniform_sum / prompts_per_key.clamp(min=1),
+                     {t: (sum(v) / len(v), len(v)) for t, v in token_ratio.items()})
+
+
+@dataclass
+class SinkParams:
+    threshold: float = 0.3
+    top_tokens: int = 10
+    min_occurrences: int = 3
+    batch_size: int = 16
+
+
+@register("heads.sinks", SinkParams,
+          "attention sinks: alpha_1 per head, the sink rate (share of heads with alpha_1 > threshold), later sinks")
+def sinks(model, task, params: SinkParams) -> Result:
+    if not 0 < params.threshold < 1:
+        raise WorkbenchError("the sink threshold is an attention share: give a value in (0, 1), e.g. 0.3")
+    tokens, lengths = task.tokens("clean", device=model.device)
+    if int(lengths.min()) < 4:
+        raise WorkbenchError("attention sinks need prompts of at least 4 tokens (the paper uses 64-token inputs)")
+    stats = sink_stats(model, tokens, lengths, params.batch_size)
+    first = stats.alpha[:, :, 0]
+    # later sinks: keys seen by at least half of the queries of the shortest prompt
+    horizon = max(2, int(lengths.min()) // 2)
+    later = stats.alpha[:, :, 1:horizon]
+    later_val, later_pos = later.max(-1)
+    frames = [
+        head_frame(model, first, "sink_alpha"),
+        head_frame(model, first / stats.uniform[0], "sink_ratio"),
+        head_frame(model, later_val, "later_sink_alpha").assign(position=(later_pos + 1).flatten().numpy()),
+        pd.DataFrame({"component": "model", "metric": ["sink_rate"], "value": [(first > params.threshold).float().mean().item()],
+                      "threshold": [params.threshold]}),
+    ]
+    common = [(t, r, c) for t, (r, c) in stats.token_ratio.items() if c >= params.min_occurrences]
+    common.sort(key=lambda x: -x[1])
+    if common:
+        top = common[: params.top_tokens]
+        names = model.to_str_tokens([t for t, _, _ in top]) if model.tokenizer is not None else [str(t) for t, _, _ in top]
+        frames.append(pd.DataFrame({"component": "model", "metric": "token_sink_ratio", "value": [r for _, r, _ in top],
+                                    "token": names, "token_id": [t for t, _, _ in top], "occurrences": [c for _, _, c in top]}))
+    return Result(pd.concat(frames, ignore_index=True), tensors={"alpha": stats.alpha},
+                  meta={"tensor_dims": {"alpha": ["layer", "head", "key_position"]}})
+
+
+# ---------------------------------------------------------------------------------------------
+# distance profile
+# ---------------------------------------------------------------------------------------------
+
+
+def distance_bins(n_pos: int) -> list[str]:
+    """Histogram bins: distance 0, 1, 2-3, 4-7, ... (powers of two), as labels."""
+    labels, lo = ["0"], 1
+    while lo < n_pos:
+        hi = min(2 * lo, n_pos) - 1
+        labels.append(str(lo) if hi == lo else f"{lo}-{hi}")
+        lo *= 2
+    return labels
+
+
+@dataclass
+class DistanceParams:
+    batch_size: int = 16
+
+
+@register("heads.distance", DistanceParams, "each head's query-key distance profile: mean, spread and a log2 histogram")
+@torch.no_grad()
+def distance_profile(model, task, params: DistanceParams) -> Result:
+    tokens, lengths = task.tokens("clean", device=model.device)
+    n_pos = tokens.shape[1]
+    labels = distance_bins(n_pos)
+    mean_sum = torch.zeros(model.n_layers, model.n_heads, dtype=torch.float64)
+    sq_sum = torch.zeros_like(mean_sum)
+    hist = torch.zeros(model.n_layers, model.n_heads, len(labels), dtype=torch.float64)
+    n_queries = int(lengths.sum())
+
+    def fn(layer, pattern, valid, rows):
+        p = pattern.double() * valid[:, None, :, None]
+        width = p.shape[-1]
+        d = (torch.arange(width)[:, None] - torch.arange(width)[None, :]).clamp(min=0).to(p.device, torch.float64)
+        mean_sum[layer] += (p * d).sum((0, 2, 3)).cpu()
+        sq_sum[layer] += (p * d**2).sum((0, 2, 3)).cpu()
+        bins = torch.where(d > 0, torch.floor(torch.log2(d.clamp(min=1))) + 1, torch.zeros_like(d)).long()
+        mass = p.sum(0)  # [head, query, key]
+        hist[layer].index_add_(1, bins.flatten().cpu(), mass.flatten(1).cpu())
+
+    for_each_pattern(model, tokens, lengths, fn, params.batch_size, desc="distance profile")
+    mean = mean_sum / n_queries
+    std = (sq_sum / n_queries - mean**2).clamp(min=0).sqrt()
+    hist /= n_queries
+    frames = [head_frame(model, mean, "attn_distance_mean"), head_frame(model, std, "attn_distance_std")]
+    return Result(pd.concat(frames, ignore_index=True), tensors={"distance_hist": hist.float()},
+                  meta={"tensor_dims": {"distance_hist": ["layer", "head", "distance_bin"]}, "distance_bins": labels})
+
+
+# ---------------------------------------------------------------------------------------------
+# ablation importance
+# ---------------------------------------------------------------------------------------------
+
+ABLATIONS = ("zero", "mean", "resample")
+
+
+@torch.no_grad()
+def mean_z(model, task, batch_size: int = 8) -> dict[str, Tensor]:
+    """Each head's output (hook_z, [head, d_head]) averaged over every real position of the task's clean prompts."""
+    tokens, lengths = task.tokens("clean", device=model.device)
+    sums: dict[str, Tensor] = {}
+
+    def add(z, hook):
+        valid = (torch.arange(z.shape[1], device=z.device)[None, :] < lengths[rows, None]).to(z.dtype)
+        total = (z * valid[:, :, None, None]).sum((0, 1))
+        sums[hook.name] = sums[hook.name] + total if hook.name in sums else total
+
+    for start in range(0, len(task), batch_size):
+        rows = slice(start, start + batch_size)
+        model.tl.run_with_hooks(tokens[rows, : int(lengths[rows].max())], stop_at_layer=model.n_layers,
+                                fwd_hooks=[(lambda n: n.endswith("attn.hook_z"), add)])
+    return {name: total / lengths.sum() for name, total in sums.items()}
+
+
+@dataclass
+class AblationParams:
+    ablation: str = "mean"
+    metric: str = "logit_diff"
+    heads: list[str] | None = None
+    chunk_tokens: int = 16384
+
+
+@register("heads.ablation", AblationParams,
+          "each head's importance: the metric drop when its output is zero-, mean- or resample-ablated")
+def ablation_importance(model, task, params: AblationParams) -> Result:
+    """Ablating a head = replacing its z in the clean run: by zeros, by its mean over the task, or
+    by its value on the row's corrupted prompt (resample ablation from the corrupted distribution).
+    Reported as the raw metric and as the effect (clean - ablated) / (clean - corrupted): 1 means
+    ablating this one head does as much damage as corrupting the prompt."""
+    if params.ablation not in ABLATIONS:
+        raise WorkbenchError(f"unknown ablation '{params.ablation}'; choose one of {', '.join(ABLATIONS)}")
+    if params.metric not in METRICS:
+        raise WorkbenchError(f"unknown metric '{params.metric}'; choose one of {', '.join(METRICS)}")
+    heads = parse_heads(model, params.heads) if params.heads is not None else None
+    run = PatchingRun(model, task, params.metric, "noise", ("z",))
+    if params.ablation != "resample":
+        means = mean_z(model, task) if params.ablation == "mean" else None
+        run.source_cache = {
+            name: (torch.zeros_like(act) if means is None else means[name].expand_as(act).contiguous())
+            for name, act in ((f"blocks.{layer}.attn.hook_z", run.clean_cache[f"blocks.{layer}.attn.hook_z"])
+                              for layer in range(model.n_layers))
+        }
+    indices = head_indices(model, "z", run.clean_tokens.shape[1], False, heads)
+    raw = run.run("z", indices, params.chunk_tokens)
+    effect = 1 - run.baselines.normalise(raw)
+    base = pd.DataFrame({"component": "head", "layer": [i.layer for i in indices], "head": [i.head for i in indices],
+                         "ablation": params.ablation})
+    frames = [base.assign(metric=f"ablation_{params.metric}", value=raw.numpy()),
+              base.assign(metric="ablation_effect", value=effect.numpy())]
+    meta = {"baselines": {"clean": run.baselines.clean, "corrupted": run.baselines.corrupted}}
+    return Result(pd.concat(frames, ignore_index=True), meta=meta)

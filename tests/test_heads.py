@@ -1,0 +1,214 @@
+"""Head detectors, attention sinks, distance profiles and ablation importance: against
+TransformerLens's head detector, direct computations from cached patterns, plain hook
+references, and a hand-wired model whose previous-token and induction heads are known."""
+
+import pytest
+import torch
+from transformer_lens.head_detector import (
+    compute_head_attention_similarity_score,
+    detect_head,
+    get_duplicate_token_head_detection_pattern,
+    get_induction_head_detection_pattern,
+    get_previous_token_head_detection_pattern,
+)
+
+from conftest import make_toy_tl
+from toy_circuits import make_induction_toy
+from workbench.errors import WorkbenchError
+from workbench.methods import get_method
+from workbench.models import from_hooked_transformer
+from workbench.tasks import build_task
+from workbench.tasks.base import Task
+
+TL_PATTERNS = {"previous_token": get_previous_token_head_detection_pattern,
+               "duplicate_token": get_duplicate_token_head_detection_pattern,
+               "induction": get_induction_head_detection_pattern}
+
+
+def run(method, model, task, **params):
+    m = get_method(method)
+    return m.fn(model, task, m.parse(params))
+
+
+def head_grid(result, metric, model):
+    rows = result.metric(metric).sort_values(["layer", "head"])
+    return torch.tensor(rows["value"].to_numpy(), dtype=torch.float64).view(model.n_layers, model.n_heads)
+
+
+def mixed_task(seed=0, lengths=(9, 14, 6, 14), vocab=50):
+    """Prompts of different lengths with repeated tokens (so duplicate/induction patterns are non-empty)."""
+    g = torch.Generator().manual_seed(seed)
+    clean = []
+    for n in lengths:
+        half = torch.randint(0, vocab, ((n + 1) // 2,), generator=g).tolist()
+        clean.append((half + half)[:n])
+    return Task("mixed", {}, clean, [list(reversed(c)) for c in clean], [1] * len(clean), [2] * len(clean))
+
+
+@pytest.fixture(scope="module")
+def random_toy():
+    return from_hooked_transformer(make_toy_tl(n_layers=2, seed=11, attn_only=False), "toy-mlp")
+
+
+@pytest.fixture(scope="module")
+def wired():
+    return from_hooked_transformer(make_induction_toy(), "wired-induction")
+
+
+@pytest.mark.parametrize("exclude_bos,exclude_current", [(False, False), (True, False), (False, True), (True, True)])
+def test_detectors_equal_transformerlens_per_prompt_mean(random_toy, exclude_bos, exclude_current):
+    task = mixed_task()
+    result = run("heads.detect", random_toy, task, exclude_bos=exclude_bos, exclude_current_token=exclude_current, batch_size=3)
+    tl = random_toy.tl
+    for name, det_fn in TL_PATTERNS.items():
+        expected = torch.zeros(tl.cfg.n_layers, tl.cfg.n_heads, dtype=torch.float64)
+        for prompt in task.clean:
+            tokens = torch.tensor([prompt])
+            _, cache = tl.run_with_cache(tokens, remove_batch_dim=True)
+            det = det_fn(tokens)
+            for layer in range(tl.cfg.n_layers):
+                for h in range(tl.cfg.n_heads):
+                    expected[layer, h] += compute_head_attention_similarity_score(
+                        cache["pattern", layer][h], det, exclude_bos=exclude_bos,
+                        exclude_current_token=exclude_current, error_measure="mul")
+        expected /= len(task)
+        assert torch.allclose(head_grid(result, f"{name}_score", random_toy), expected, atol=1e-5), name
+
+
+def test_detectors_equal_detect_head_on_the_embedded_model(smollm2):
+    text = "The cat sat on the mat. The cat sat on the mat. The cat sat on the mat."
+    tokens = smollm2.to_tokens(text)
+    task = Task("text", {}, [tokens], [tokens], [0], [1])
+    result = run("heads.detect", smollm2, task)
+    for name in TL_PATTERNS:
+        expected = detect_head(smollm2.tl, text, f"{name}_head").double()
+        assert torch.allclose(head_grid(result, f"{name}_score", smollm2), expected, atol=1e-4), name
+
+
+def test_hand_wired_previous_token_and_induction_heads_are_found(wired):
+    task = build_task(wired, "induction", {"n_prompts": 8, "seq_len": 15})
+    result = run("heads.detect", wired, task)
+    prev = head_grid(result, "previous_token_score", wired)
+    induction = head_grid(result, "induction_score", wired)
+    assert prev.argmax().item() == 0 and prev[0, 0] > 0.9  # L0H0
+    assert induction.argmax().item() == 2  # L1H0
+    # half the queries lie in the repeat, and there it attends to the induction target
+    assert induction[1, 0] > 0.45 and induction[1, 0] > 3 * induction[1, 1]
+    # the behavioural score: the repeat is predicted, the random first copy is not
+    first, repeat = result.value("induction_loss_first"), result.value("induction_loss_repeat")
+    assert first > 5 and repeat < 0.2 * first
+
+
+def direct_alpha(model, task):
+    """alpha[layer, head, k] from cached patterns, one prompt at a time, by definition."""
+    tl = model.tl
+    n_pos = max(len(c) for c in task.clean)
+    sums = torch.zeros(model.n_layers, model.n_heads, n_pos, dtype=torch.float64)
+    counts = torch.zeros(n_pos)
+    for prompt in task.clean:
+        n = len(prompt)
+        _, cache = tl.run_with_cache(torch.tensor([prompt]))
+        counts[:n] += 1
+        for layer in range(model.n_layers):
+            pattern = cache["pattern", layer][0].double()  # [head, q, k]
+            for k in range(n):
+                sums[layer, :, k] += pattern[:, k:, k].mean(-1)
+    return sums / counts.clamp(min=1)
+
+
+def test_sink_alpha_and_rate_equal_a_direct_computation(random_toy):
+    task = mixed_task(seed=2)
+    result = run("heads.sinks", random_toy, task, threshold=0.3, min_occurrences=1, batch_size=2)
+    alpha = direct_alpha(random_toy, task)
+    assert torch.allclose(result.tensors["alpha"].double(), alpha, atol=1e-5)
+    first = head_grid(result, "sink_alpha", random_toy)
+    assert torch.allclose(first, alpha[:, :, 0], atol=1e-5)
+    assert result.value("sink_rate") == pytest.approx((alpha[:, :, 0] > 0.3).double().mean().item())
+    later = result.metric("later_sink_alpha").sort_values(["layer", "head"])
+    horizon = min(len(c) for c in task.clean) // 2
+    assert torch.allclose(torch.tensor(later["value"].to_numpy()), alpha[:, :, 1:horizon].max(-1).values.flatten(), atol=1e-5)
+
+
+def test_sinks_on_the_wired_model_find_uniform_heads_sink_to_the_first_token(wired):
+    task = build_task(wired, "induction", {"n_prompts": 4, "seq_len": 15})
+    result = run("heads.sinks", wired, task)
+    alpha = head_grid(result, "sink_alpha", wired)
+    # a uniform head gives token 0 the mean of 1/(q+1): exactly sink_ratio 1
+    ratio = head_grid(result, "sink_ratio", wired)
+    assert ratio[0, 1] == pytest.approx(1.0, abs=1e-5) and ratio[1, 1] == pytest.approx(1.0, abs=1e-5)
+    # the previous-token head sends token 0 only the attention of queries 0 and 1: alpha = 2 / 29
+    assert alpha[0, 0].item() == pytest.approx(2 / 29, abs=1e-4)
+    assert result.value("sink_rate") == 0.0
+
+
+def test_distance_profile_equals_direct_computation_and_finds_the_previous_token_head(random_toy, wired):
+    task = mixed_task(seed=3)
+    result = run("heads.distance", random_toy, task, batch_size=3)
+    tl = random_toy.tl
+    mean = torch.zeros(random_toy.n_layers, random_toy.n_heads, dtype=torch.float64)
+    sq = torch.zeros_like(mean)
+    n_queries = 0
+    for prompt in task.clean:
+        n = len(prompt)
+        n_queries += n
+        _, cache = tl.run_with_cache(torch.tensor([prompt]))
+        d = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).clamp(min=0).double()
+        for layer in range(random_toy.n_layers):
+            p = cache["pattern", layer][0].double()
+            mean[layer] += (p * d).sum((-2, -1))
+            sq[layer] += (p * d**2).sum((-2, -1))
+    mean /= n_queries
+    std = (sq / n_queries - mean**2).sqrt()
+    assert torch.allclose(head_grid(result, "attn_distance_mean", random_toy), mean, atol=1e-6)
+    assert torch.allclose(head_grid(result, "attn_distance_std", random_toy), std, atol=1e-6)
+    hist = result.tensors["distance_hist"]
+    assert torch.allclose(hist.sum(-1), torch.ones(random_toy.n_layers, random_toy.n_heads), atol=1e-5)
+    assert len(result.meta["distance_bins"]) == hist.shape[-1]
+
+    wired_task = build_task(wired, "induction", {"n_prompts": 4, "seq_len": 15})
+    profile = run("heads.distance", wired, wired_task)
+    prev_mean = head_grid(profile, "attn_distance_mean", wired)[0, 0].item()
+    assert prev_mean == pytest.approx(1.0, abs=0.05)  # every query but the first attends one back
+    assert profile.tensors["distance_hist"][0, 0, 1] > 0.95  # the "1" bin
+
+
+@pytest.mark.parametrize("ablation", ["zero", "mean", "resample"])
+def test_ablation_equals_a_plain_hooked_forward(random_toy, ablation):
+    task = build_task(random_toy, "induction", {"n_prompts": 6, "seq_len": 8})
+    result = run("heads.ablation", random_toy, task, ablation=ablation, heads=["L0H1", "L1H3"])
+    tl = random_toy.tl
+    clean, lengths = task.tokens("clean")
+    corrupt, _ = task.tokens("corrupted")
+    answers, wrongs = task.answer_ids(), task.wrong_ids()
+    rows = torch.arange(len(task))
+    with torch.no_grad():
+        _, ccache = tl.run_with_cache(corrupt)
+        _, kcache = tl.run_with_cache(clean)
+        for layer, head in [(0, 1), (1, 3)]:
+            name = f"blocks.{layer}.attn.hook_z"
+            if ablation == "zero":
+                value = torch.zeros_like(kcache[name][:, :, head])
+            elif ablation == "mean":
+                value = kcache[name][:, :, head].mean((0, 1)).expand_as(kcache[name][:, :, head])
+            else:
+                value = ccache[name][:, :, head]
+
+            def hook(z, hook, head=head, value=value):
+                z[:, :, head] = value
+                return z
+
+            logits = tl.run_with_hooks(clean, fwd_hooks=[(name, hook)])[rows, lengths - 1]
+            expected = (logits[rows, answers] - logits[rows, wrongs]).mean().item()
+            got = result.metric("ablation_logit_diff")
+            got = got[(got["layer"] == layer) & (got["head"] == head)]["value"].item()
+            assert got == pytest.approx(expected, abs=1e-4)
+
+
+def test_bad_head_score_parameters_are_refused(random_toy):
+    task = mixed_task()
+    with pytest.raises(WorkbenchError, match="unknown ablation"):
+        run("heads.ablation", random_toy, task, ablation="shuffle")
+    with pytest.raises(WorkbenchError, match="threshold"):
+        run("heads.sinks", random_toy, task, threshold=3)
+    with pytest.raises(WorkbenchError, match="outside the model"):
+        run("heads.ablation", random_toy, task, heads=["L9H0"])
