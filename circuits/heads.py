@@ -181,7 +181,7 @@ def sinks(model, task, params: SinkParams) -> Result:
     frames = [
         head_frame(model, first, "sink_alpha"),
         head_frame(model, first / stats.uniform[0], "sink_ratio"),
-        head_frame(model, later_val, "later_sink_alpha").assign(position=(later_pos + 1).flatten().numpy()),
+        head_frame(model, later_val, "later_sink_alpha").assign(sink_position=(later_pos + 1).flatten().numpy()),
         pd.DataFrame({"component": "model", "metric": ["sink_rate"], "value": [(first > params.threshold).float().mean().item()],
                       "threshold": [params.threshold]}),
     ]

@@ -57,9 +57,11 @@ def _stop_ids(model) -> set[int]:
 
 @torch.no_grad()
 def greedy_generate(model, prompt: list[int], max_new_tokens: int, track_argmax: bool = False,
-                    hooks: list[Hook] = (), until: Callable[[list[int]], bool] | None = None) -> Generation:
+                    hooks: list[Hook] = (), until: Callable[[list[int]], bool] | None = None,
+                    stop_at_special: bool = True) -> Generation:
     """Greedy decoding through a KV cache; optionally the argmax of every head's current attention
-    row at each step. Stops at a special token, after `max_new_tokens`, or when `until(tokens)`."""
+    row at each step. Stops at a special token (unless told not to), after `max_new_tokens`, or
+    when `until(tokens)`."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
     tl = model.tl
@@ -70,11 +72,12 @@ def greedy_generate(model, prompt: list[int], max_new_tokens: int, track_argmax:
         current[hook.layer()] = pattern[0, :, -1].argmax(-1)
 
     fwd = list(hooks) + ([(lambda n: n.endswith("attn.hook_pattern"), track)] if track_argmax else [])
-    stops, out, rows = _stop_ids(model), [], []
+    stops, out, rows = _stop_ids(model) if stop_at_special else set(), [], []
     x = torch.tensor([prompt], device=model.device)
     with tl.hooks(fwd_hooks=fwd):
         for _ in range(max_new_tokens):
-            resid = tl(x, past_kv_cache=cache, stop_at_layer=model.n_layers)
+            # an explicit mask: TransformerLens would otherwise treat pad-token ids in the prompt as padding
+            resid = tl(x, past_kv_cache=cache, attention_mask=torch.ones_like(x), stop_at_layer=model.n_layers)
             token = int(unembed_final(tl, resid[:, -1:])[0, -1].argmax())
             if token in stops:
                 break

@@ -1,32 +1,220 @@
-"""The dashboard start page through Streamlit's AppTest (the full dashboard is its own issue)."""
+"""Every dashboard page through Streamlit's AppTest, on a store populated by real runs on a toy
+model: the pages must show what the store holds (cells, top heads, patterns), not just render."""
 
+import base64
+import json
+import time
 from pathlib import Path
 
+import numpy as np
+import pytest
 from streamlit.testing.v1 import AppTest
 
 from workbench.runner import run_method
+from workbench.store import Store
 from workbench.tasks import build_task
 
 HOME = str(Path(__file__).resolve().parent.parent / "app" / "Home.py")
+PAGES = ["runs", "head_atlas", "head_detail", "circuit", "prompt_explorer", "launch"]
+RUNS = [
+    ("logit_diff", {}),
+    ("patching.attn_head", {}),
+    ("attribution.dla", {}),
+    ("heads.detect", {}),
+    ("heads.sinks", {}),
+    ("heads.distance", {}),
+    ("attention.patterns", {"n_prompts": 2}),
+    ("attribution.head_sources", {"heads": ["L1H2"]}),
+    ("patching.path", {"receivers": ["L1H0"]}),
+]
 
 
-def test_empty_store_shows_how_to_start(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "nothing"))
-    at = AppTest.from_file(HOME, default_timeout=60).run()
+@pytest.fixture(scope="module")
+def populated(tmp_path_factory, toy, toy_dir):
+    store = Store(tmp_path_factory.mktemp("app") / "store")
+    task = build_task(toy, "induction", {"n_prompts": 4, "seq_len": 6})
+    results = {m: run_method(toy, task, m, p, store) for m, p in RUNS}
+    return store, results, str(toy_dir)
+
+
+def app(store, page=None, **query):
+    at = AppTest.from_file(HOME, default_timeout=120)
+    for k, v in query.items():
+        at.query_params[k] = v
+    at.run()
+    if page is not None:
+        at.switch_page(f"pages/{page}.py").run()
+    return at
+
+
+def figures(at):
+    return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+
+
+def array(value) -> np.ndarray:
+    """A figure's data array: plotly writes numpy arrays as typed base64 blocks, lists as lists."""
+    if isinstance(value, dict) and "bdata" in value:
+        out = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+        return out.reshape([int(x) for x in str(value.get("shape", len(out))).split(",")]).astype(float)
+    return np.array(value, dtype=float)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_on_an_empty_store_says_how_to_start(tmp_path, monkeypatch, page):
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "empty"))
+    at = app(None, None if page == "runs" else page)
     assert not at.exception
-    assert "workbench demo" in at.info[0].value
+    if page in ("runs", "head_atlas", "head_detail", "circuit"):
+        assert "workbench demo" in at.info[0].value
 
 
-def test_catalog_lists_runs_and_opens_one(tmp_path, monkeypatch, toy):
-    from workbench.store import Store
-
+def test_runs_page_lists_opens_and_deletes_with_confirmation(tmp_path, monkeypatch, toy):
     store = Store(tmp_path / "s")
     for n in (3, 4):
         run_method(toy, build_task(toy, "induction", {"n_prompts": n, "seq_len": 5}), "logit_diff", {}, store)
     monkeypatch.setenv("WORKBENCH_HOME", str(store.root))
-    at = AppTest.from_file(HOME, default_timeout=60).run()
+    at = app(store)
     assert not at.exception
     catalog, scores = at.dataframe[0].value, at.dataframe[1].value
     assert len(catalog) == 2 and set(catalog["status"]) == {"done"}
     chosen = at.selectbox[0].value
     assert len(scores) == len(store.get(chosen).scores)
+    delete = next(b for b in at.button if b.label == "Delete run")
+    assert delete.disabled  # until "I am sure" is ticked
+    at.checkbox[0].check().run()
+    next(b for b in at.button if b.label == "Delete run").click().run()
+    assert not at.exception
+    assert len(store.catalog()) == 1 and chosen not in set(store.catalog()["run_id"])
+
+
+def test_head_atlas_maps_every_head_and_ranks_the_table_by_the_stored_values(populated, monkeypatch, toy):
+    store, results, _ = populated
+    monkeypatch.setenv("WORKBENCH_HOME", str(store.root))
+    at = app(store, "head_atlas")
+    assert not at.exception
+    maps = [f for f in figures(at) if f["data"][0]["type"] == "heatmap"]
+    assert maps
+    for fig in maps:
+        z = array(fig["data"][0]["z"])
+        assert z.shape == (toy.n_layers, toy.n_heads)
+    # the induction-score map holds exactly the stored scores
+    label = next(lab for lab in at.multiselect[1].value if lab.startswith("induction_score"))
+    fig = next(f for f in maps if f["layout"]["title"]["text"] == label)
+    stored = results["heads.detect"].metric("induction_score").sort_values(["layer", "head"])["value"].to_numpy()
+    assert np.allclose(array(fig["data"][0]["z"]).flatten(), stored)
+    # sort the joined table by that metric (signed): the top row is the stored argmax
+    sort_box = next(s for s in at.selectbox if s.label == "Sort by")
+    sort_box.set_value(label).run()
+    next(t for t in at.toggle if t.label == "Sort by absolute value").set_value(False).run()
+    table = at.dataframe[0].value
+    best = results["heads.detect"].metric("induction_score").sort_values("value").iloc[-1]
+    assert table.iloc[0]["name"] == f"L{best['layer']}H{best['head']}"
+    assert len(table) == toy.n_layers * toy.n_heads
+    for metric, method in (("dla", "attribution.dla"), ("sink_alpha", "heads.sinks"), ("retrieval_score", None)):
+        found = [c for c in table.columns if c.startswith(f"{metric} · induction") and c.endswith(f"/ {method}")]
+        assert len(found) == (1 if method else 0), metric
+
+
+def test_head_page_deep_link_shows_its_scores_pattern_sources_and_distance(populated, monkeypatch, toy):
+    store, results, _ = populated
+    monkeypatch.setenv("WORKBENCH_HOME", str(store.root))
+    at = app(store, "head_detail", model=toy.name, head="L1H2")
+    assert not at.exception
+    assert at.title[0].value == f"L1H2 of {toy.name}"
+    scores = at.dataframe[0].value
+    dla = results["attribution.dla"].scores
+    dla = dla[(dla["metric"] == "dla") & dla["prompt"].isna() & (dla["layer"] == 1) & (dla["head"] == 2)]["value"].item()
+    assert scores[scores["metric"] == "dla"]["value"].item() == pytest.approx(dla)
+    figs = figures(at)
+    pattern = array(figs[0]["data"][0]["z"])
+    stored = results["attention.patterns"].tensors["pattern"][0, 1, 2].numpy()
+    assert np.allclose(pattern, stored[: pattern.shape[0], : pattern.shape[1]], atol=1e-6)
+    assert len(figs) == 3  # pattern, DLA by source position (stored for L1H2), distance profile
+
+
+def test_head_page_refuses_a_head_outside_the_model(populated, monkeypatch, toy):
+    store, _, _ = populated
+    monkeypatch.setenv("WORKBENCH_HOME", str(store.root))
+    at = app(store, "head_detail", model=toy.name, head="L9H9")
+    assert not at.exception
+    assert "not a head of" in at.error[0].value
+
+
+def test_circuit_draws_nodes_above_the_threshold_and_path_patching_edges(populated, monkeypatch):
+    from app.data import done_runs, head_metrics
+
+    store, results, _ = populated
+    monkeypatch.setenv("WORKBENCH_HOME", str(store.root))
+    at = app(store, "circuit")
+    assert not at.exception
+    label = at.selectbox[2].value
+    threshold = at.slider[0].value
+    long = head_metrics(store, done_runs(store))
+    scores = long[long["label"] == label]
+    expected = set(scores[scores["value"].abs() >= threshold]["name"])
+    nodes = at.dataframe[0].value
+    senders = set(results["patching.path"].scores["src"])
+    assert expected and expected <= set(nodes["name"])
+    assert set(nodes["name"]) - expected <= senders | {"L1H0"}  # the rest are edge endpoints
+    fig = figures(at)[0]
+    edges = [t for t in fig["data"] if t.get("mode") == "lines"]
+    assert len(edges) == len(senders) and all(t["text"].split(" -> ")[0] in senders for t in edges)
+    assert "path patching" in at.caption[0].value
+
+
+def test_prompt_explorer_runs_a_prompt_and_stores_the_results(populated, monkeypatch, toy):
+    store, _, toy_path = populated
+    monkeypatch.setenv("WORKBENCH_HOME", str(store.root))
+    before = len(store.catalog())
+    at = app(store, "prompt_explorer")
+    at.selectbox[0].set_value(toy_path)
+    at.text_area[0].input("3 4 5 6 7 3 4 5")
+    at.button[0].click().run()
+    assert not at.exception
+    figs = figures(at)
+    assert len(figs) == 3  # pattern, logit lens, DLA map
+    assert array(figs[0]["data"][0]["z"]).shape == (8, 8)
+    assert len(store.catalog()) == before + 3
+
+
+def test_prompt_explorer_reports_bad_input(populated, monkeypatch):
+    store, _, toy_path = populated
+    monkeypatch.setenv("WORKBENCH_HOME", str(store.root))
+    at = app(store, "prompt_explorer")
+    at.selectbox[0].set_value(toy_path)
+    at.text_area[0].input("these are words")
+    at.button[0].click().run()
+    assert not at.exception
+    assert "space-separated token ids" in at.error[0].value
+
+
+def test_launch_starts_a_background_run_that_lands_in_the_store(tmp_path, monkeypatch, toy_dir):
+    from app.launcher import job_status
+
+    store = Store(tmp_path / "launch")
+    monkeypatch.setenv("WORKBENCH_HOME", str(store.root))
+    at = app(store, "launch")
+    assert not at.exception, at.exception[0].message
+    at.text_area[0].input("n_prompts = 2\nseq_len = 4")
+    at.text_input[0].input(str(toy_dir))
+    at.selectbox[0].set_value("induction")
+    at.button[0].click().run()
+    assert not at.exception and "started" in at.success[0].value
+    job = next((store.root / "jobs").glob("*.toml"))
+    deadline = time.time() + 120
+    while job_status(job)[0] == "running" and time.time() < deadline:
+        time.sleep(0.5)
+    assert job_status(job)[0] == "done"
+    runs = store.catalog()
+    assert list(runs["method"]) == ["logit_diff"] and list(runs["status"]) == ["done"]
+
+
+def test_launch_refuses_bad_parameters_and_starts_nothing(tmp_path, monkeypatch):
+    store = Store(tmp_path / "launch-bad")
+    monkeypatch.setenv("WORKBENCH_HOME", str(store.root))
+    at = app(store, "launch")
+    at.text_area[0].input("n_prompts = 2\nno_such_param = 1")
+    at.button[0].click().run()
+    assert not at.exception
+    assert "no_such_param" in at.error[0].value
+    assert not (store.root / "jobs").exists()

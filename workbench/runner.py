@@ -33,7 +33,8 @@ def run_method(model, task, method: str, params: dict[str, Any] | None = None, s
 
     def compute() -> Result:
         result = m.fn(model, task, parsed)
-        result.meta.update(workbench_version=__version__, device=str(model.device))
+        result.meta.update(workbench_version=__version__, device=str(model.device),
+                           model_shape={"n_layers": model.n_layers, "n_heads": model.n_heads, "n_kv_heads": model.n_kv_heads})
         return result
 
     return store.get_or_compute(spec, compute)

@@ -1,0 +1,85 @@
+"""Plotly figures the dashboard and notebooks share: layer x head maps, attention patterns,
+circuit graphs, distance profiles. Each takes plain frames/tensors and returns a figure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from workbench.result import head_name
+
+
+def head_heatmap(grid: pd.DataFrame, title: str) -> go.Figure:
+    """A layer x head heatmap; each cell's customdata is its head name (for click-through)."""
+    names = np.array([[head_name(layer, h) for h in grid.columns] for layer in grid.index])
+    values = grid.to_numpy(dtype=float)
+    finite = values[np.isfinite(values)]
+    bound = float(np.abs(finite).max()) if finite.size else 1.0
+    signed = finite.size and finite.min() < 0
+    fig = go.Figure(go.Heatmap(
+        z=values, x=list(grid.columns), y=list(grid.index), customdata=names,
+        colorscale="RdBu" if signed else "Blues", reversescale=bool(signed),
+        zmin=-bound if signed else None, zmax=bound if signed else None,
+        hovertemplate="%{customdata}: %{z:.4g}<extra></extra>", xgap=1, ygap=1,
+    ))
+    fig.update_layout(title=title, xaxis_title="head", yaxis_title="layer", height=max(320, 18 * len(grid.index) + 120),
+                      margin=dict(l=40, r=20, t=50, b=40))
+    fig.update_yaxes(autorange="reversed", dtick=max(1, len(grid.index) // 10))
+    fig.update_xaxes(dtick=1)
+    return fig
+
+
+def pattern_figure(pattern: np.ndarray, tokens: list[str], title: str) -> go.Figure:
+    """A head's attention pattern, query rows x key columns, labelled with the tokens."""
+    n = len(tokens)
+    labels = [f"{i}:{t!r}"[:24] for i, t in enumerate(tokens)]
+    fig = go.Figure(go.Heatmap(z=pattern[:n, :n], x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1,
+                               hovertemplate="query %{y}<br>key %{x}<br>attention %{z:.3f}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="key (source)", yaxis_title="query (destination)",
+                      height=max(360, 16 * n + 160), margin=dict(l=40, r=20, t=50, b=40))
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+def distance_figure(hist: np.ndarray, bins: list[str], title: str) -> go.Figure:
+    fig = go.Figure(go.Bar(x=bins, y=hist, hovertemplate="distance %{x}: %{y:.3f}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="query - key distance (tokens)", yaxis_title="share of attention",
+                      height=320, margin=dict(l=40, r=20, t=50, b=40))
+    return fig
+
+
+def circuit_figure(nodes: pd.DataFrame, edges: pd.DataFrame, n_layers: int, n_heads: int, title: str) -> go.Figure:
+    """Nodes (name, layer, head (NaN for MLPs), value) laid out layer by layer left to right;
+    edges (src, dst, value) as lines whose width follows |value|."""
+    def xy(row):
+        return row["layer"], (n_heads if pd.isna(row["head"]) else row["head"])
+
+    pos = {row["name"]: xy(row) for _, row in nodes.iterrows()}
+    pos["logits"] = (n_layers, n_heads / 2)
+    fig = go.Figure()
+    top = edges["value"].abs().max() if not edges.empty else 1.0
+    for _, e in edges.iterrows():
+        if e["src"] not in pos or e["dst"] not in pos:
+            continue
+        (x0, y0), (x1, y1) = pos[e["src"]], pos[e["dst"]]
+        fig.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", hoverinfo="text",
+                                 text=f"{e['src']} -> {e['dst']}: {e['value']:+.3f}", showlegend=False,
+                                 line=dict(width=1 + 8 * abs(e["value"]) / (top or 1),
+                                           color="#c0392b" if e["value"] > 0 else "#2c7fb8")))
+    if not nodes.empty:
+        fig.add_trace(go.Scatter(
+            x=[pos[n][0] for n in nodes["name"]], y=[pos[n][1] for n in nodes["name"]], mode="markers+text",
+            text=nodes["name"], textposition="top center", customdata=nodes["name"],
+            marker=dict(size=12 + 24 * nodes["value"].abs() / (nodes["value"].abs().max() or 1),
+                        color=nodes["value"], colorscale="RdBu", reversescale=True, cmid=0, showscale=True,
+                        line=dict(width=1, color="#333")),
+            hovertemplate="%{customdata}: %{marker.color:+.3f}<extra></extra>", showlegend=False))
+    fig.add_trace(go.Scatter(x=[n_layers], y=[n_heads / 2], mode="markers+text", text=["logits"],
+                             textposition="top center", marker=dict(size=16, color="#555", symbol="square"),
+                             hoverinfo="skip", showlegend=False))
+    fig.update_layout(title=title, xaxis_title="layer", yaxis_title="head (MLP on top row)", height=560,
+                      margin=dict(l=40, r=20, t=50, b=40))
+    fig.update_xaxes(range=[-0.5, n_layers + 0.5], dtick=1 if n_layers <= 32 else 2)
+    fig.update_yaxes(range=[n_heads + 0.8, -0.8])
+    return fig

@@ -1,0 +1,88 @@
+"""One head (deep link: `head?model=NAME&head=L5H3`): its scores across tasks and metrics (with
+its rank among all heads), its attention pattern on a stored prompt, its DLA per source
+position, and its query-key distance profile."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from app import common, data
+from app.figures import distance_figure, pattern_figure
+from circuits.heads_spec import HEAD_RE
+
+store = common.store()
+root = str(store.root)
+done = common.done_runs_or_stop(root)
+model = common.pick_model(done)
+runs = done[done["model"] == model]
+long = common.head_metrics(root, tuple(sorted(runs["run_id"])))
+n_layers, n_heads = data.model_shape(store, runs, long)
+names = [f"L{layer}H{h}" for layer in range(n_layers) for h in range(n_heads)]
+wanted = st.query_params.get("head", names[0] if names else "L0H0")
+if not HEAD_RE.match(wanted or "") or (names and wanted not in names):
+    st.error(f"'{wanted}' is not a head of {model}; heads are L0H0..L{n_layers - 1}H{n_heads - 1}.")
+    st.stop()
+head = st.selectbox("Head", names, index=names.index(wanted)) if names else wanted
+st.query_params["head"] = head
+layer, h = (int(x) for x in HEAD_RE.match(head).groups())
+st.title(f"{head} of {model}")
+
+# -- scores ---------------------------------------------------------------------------------
+mine = long[long["name"] == head]
+if mine.empty:
+    st.info("No per-head scores stored for this model yet.")
+else:
+    ranks = long.groupby("label")["value"].rank(ascending=False, method="min")
+    abs_ranks = long["value"].abs().groupby(long["label"]).rank(ascending=False, method="min")
+    table = mine.assign(rank=ranks[mine.index].astype(int), rank_abs=abs_ranks[mine.index].astype(int),
+                        of=long.groupby("label")["value"].transform("size")[mine.index])
+    st.subheader("Scores")
+    st.dataframe(table[["metric", "task", "method", "value", "rank", "rank_abs", "of", "run_id"]]
+                 .sort_values("rank_abs"), hide_index=True, width="stretch")
+
+# -- attention pattern ----------------------------------------------------------------------
+st.subheader("Attention pattern")
+pattern_runs = runs[runs["method"] == "attention.patterns"]
+if pattern_runs.empty:
+    st.info("No stored attention patterns for this model. Compute them for a task's first prompts on the "
+            "Launch page (method `attention.patterns`), or type a prompt in the Prompt explorer.")
+else:
+    labels = {r.run_id: data.run_label(r) for _, r in pattern_runs.iterrows()}
+    run_id = st.selectbox("Prompts from", list(labels), format_func=labels.get)
+    meta = common.run_meta(root, run_id)
+    tokens = meta["tokens"]
+    i = st.selectbox("Prompt", range(len(tokens)), format_func=lambda j: "".join(tokens[j])[:100])
+    pattern = common.run_tensor(root, run_id, "pattern")[i, layer, h]
+    st.plotly_chart(pattern_figure(pattern, tokens[i], f"{head} on prompt {i}"), width="stretch")
+
+# -- DLA per source position ----------------------------------------------------------------
+sources = runs[runs["method"] == "attribution.head_sources"]
+rows = []
+for r in sources.itertuples():
+    frame = common.run_scores(root, r.run_id)
+    frame = frame[(frame["layer"] == layer) & (frame["head"] == h)]
+    if not frame.empty:
+        rows.append(frame.assign(task=r.task))
+st.subheader("Direct logit attribution by source position")
+if rows:
+    frame = pd.concat(rows)
+    per_pos = frame.groupby(["task", "position"], as_index=False)["value"].mean()
+    st.plotly_chart(px.bar(per_pos, x="position", y="value", color="task", barmode="group",
+                           labels={"value": "contribution to the logit difference (mean over prompts)"}),
+                    width="stretch")
+else:
+    st.info(f"Not stored for {head}: run `attribution.head_sources` with heads = [\"{head}\"] (Launch page).")
+
+# -- distance profile -----------------------------------------------------------------------
+dist = runs[runs["method"] == "heads.distance"]
+st.subheader("Query-key distance profile")
+if dist.empty:
+    st.info("Not stored: run `heads.distance` on a task (the demo runs it on corpus windows).")
+else:
+    r = dist.iloc[0]
+    hist = common.run_tensor(root, r["run_id"], "distance_hist")[layer, h]
+    bins = common.run_meta(root, r["run_id"])["distance_bins"]
+    st.plotly_chart(distance_figure(np.asarray(hist), bins, f"{head} on {r['task']}"), width="stretch")

@@ -1,0 +1,59 @@
+"""`attention.patterns`: every head's attention pattern on a few prompts, stored for viewing.
+
+The dashboard's head pages and prompt explorer draw patterns from here, so a pattern is
+computed once per (model, prompts) and read back without loading the model. Patterns are
+[prompt, layer, head, query, key] tensors, so this is for short prompts: `max_tokens` bounds it.
+Each head also gets its mean attention entropy (nats), a scalar that tells diffuse heads from
+sharp ones on the head atlas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from circuits.attention_pass import for_each_pattern
+from circuits.heads import head_frame
+from workbench.errors import WorkbenchError
+from workbench.methods import register
+from workbench.result import Result
+
+
+@dataclass
+class PatternParams:
+    n_prompts: int = 4
+    max_tokens: int = 128
+
+
+def _str_tokens(model, ids: list[int]) -> list[str]:
+    return model.to_str_tokens(ids) if model.tokenizer is not None else [str(i) for i in ids]
+
+
+@register("attention.patterns", PatternParams, "every head's attention pattern on the task's first prompts, for viewing")
+@torch.no_grad()
+def attention_patterns(model, task, params: PatternParams) -> Result:
+    if params.n_prompts < 1:
+        raise WorkbenchError("n_prompts must be at least 1")
+    n = min(params.n_prompts, len(task))
+    tokens, lengths = task.tokens("clean", device=model.device)
+    tokens, lengths = tokens[:n], lengths[:n]
+    width = int(lengths.max())
+    if width > params.max_tokens:
+        raise WorkbenchError(f"prompts are up to {width} tokens, over max_tokens = {params.max_tokens}: stored patterns grow "
+                             "with the square of the length; raise max_tokens or use shorter prompts")
+    patterns = torch.zeros(n, model.n_layers, model.n_heads, width, width)
+    entropy = torch.zeros(model.n_layers, model.n_heads)
+
+    def keep(layer, pattern, valid, rows):
+        p = pattern.float() * valid[:, None, :, None]
+        patterns[rows, layer, :, : p.shape[-2], : p.shape[-1]] = p.cpu()
+        ent = -(p * p.clamp(min=1e-12).log()).sum(-1)  # [batch, head, query]
+        entropy[layer] += (ent.sum(-1) / valid.sum(-1, keepdim=True)).sum(0).cpu()
+
+    for_each_pattern(model, tokens, lengths, keep, batch_size=n)
+    frame = head_frame(model, entropy / n, "attn_entropy")
+    meta = {"tokens": [_str_tokens(model, task.clean[i]) for i in range(n)],
+            "tensor_dims": {"pattern": ["prompt", "layer", "head", "query", "key"]}}
+    return Result(pd.DataFrame(frame), tensors={"pattern": patterns}, meta=meta)
