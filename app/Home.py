@@ -1,5 +1,5 @@
 """The dashboard: `workbench dashboard` (or the end of `workbench demo`) serves this file with
-WORKBENCH_HOME set to the store. Pages live in `app/pages/`; each reads the store and computes
+WORKBENCH_HOME set to the store. Pages live in `app/views/` (not `pages/`, which Streamlit would also auto-register); each reads the store and computes
 only when asked to (and then stores what it computed)."""
 
 from __future__ import annotations

@@ -10,12 +10,12 @@ from app import data
 from workbench.store import Store
 
 PAGES = {  # url path -> (script, title)
-    "runs": ("pages/runs.py", "Runs"),
-    "atlas": ("pages/head_atlas.py", "Head atlas"),
-    "head": ("pages/head_detail.py", "Head"),
-    "circuit": ("pages/circuit.py", "Circuit"),
-    "explore": ("pages/prompt_explorer.py", "Prompt explorer"),
-    "launch": ("pages/launch.py", "Launch"),
+    "runs": ("views/runs.py", "Runs"),
+    "atlas": ("views/head_atlas.py", "Head atlas"),
+    "head": ("views/head_detail.py", "Head"),
+    "circuit": ("views/circuit.py", "Circuit"),
+    "explore": ("views/prompt_explorer.py", "Prompt explorer"),
+    "launch": ("views/launch.py", "Launch"),
 }
 
 

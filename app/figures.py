@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 from workbench.result import head_name
 
 
-def head_heatmap(grid: pd.DataFrame, title: str) -> go.Figure:
+def head_heatmap(grid: pd.DataFrame, title: str, subtitle: str = "") -> go.Figure:
     """A layer x head heatmap; each cell's customdata is its head name (for click-through)."""
     names = np.array([[head_name(layer, h) for h in grid.columns] for layer in grid.index])
     values = grid.to_numpy(dtype=float)
@@ -23,7 +23,8 @@ def head_heatmap(grid: pd.DataFrame, title: str) -> go.Figure:
         zmin=-bound if signed else None, zmax=bound if signed else None,
         hovertemplate="%{customdata}: %{z:.4g}<extra></extra>", xgap=1, ygap=1,
     ))
-    fig.update_layout(title=title, xaxis_title="head", yaxis_title="layer", height=max(320, 18 * len(grid.index) + 120),
+    fig.update_layout(title=dict(text=title, subtitle=dict(text=subtitle)), xaxis_title="head", yaxis_title="layer",
+                      height=max(320, 18 * len(grid.index) + 120),
                       margin=dict(l=40, r=20, t=50, b=40))
     fig.update_yaxes(autorange="reversed", dtick=max(1, len(grid.index) // 10))
     fig.update_xaxes(dtick=1)

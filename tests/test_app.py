@@ -43,7 +43,7 @@ def app(store, page=None, **query):
         at.query_params[k] = v
     at.run()
     if page is not None:
-        at.switch_page(f"pages/{page}.py").run()
+        at.switch_page(f"views/{page}.py").run()
     return at
 
 
@@ -99,7 +99,7 @@ def test_head_atlas_maps_every_head_and_ranks_the_table_by_the_stored_values(pop
         assert z.shape == (toy.n_layers, toy.n_heads)
     # the induction-score map holds exactly the stored scores
     label = next(lab for lab in at.multiselect[1].value if lab.startswith("induction_score"))
-    fig = next(f for f in maps if f["layout"]["title"]["text"] == label)
+    fig = next(f for f in maps if f["layout"]["title"]["text"] == label.split(" · ")[0])
     stored = results["heads.detect"].metric("induction_score").sort_values(["layer", "head"])["value"].to_numpy()
     assert np.allclose(array(fig["data"][0]["z"]).flatten(), stored)
     # sort the joined table by that metric (signed): the top row is the stored argmax
@@ -218,3 +218,22 @@ def test_launch_refuses_bad_parameters_and_starts_nothing(tmp_path, monkeypatch)
     assert not at.exception
     assert "no_such_param" in at.error[0].value
     assert not (store.root / "jobs").exists()
+
+
+@pytest.mark.slow
+def test_real_browser_renders_the_head_atlas_and_a_head_page(populated, tmp_path, toy):
+    """`workbench dashboard` in Debian's chromium: pages render, no exception, screenshots saved."""
+    from urllib.parse import quote
+
+    from dashboard_browser import HEATMAP, browser, exceptions, render, served
+
+    store, results, _ = populated
+    with served(store.root) as url, browser() as b:
+        atlas, _ = render(b, f"{url}/atlas", "Every stored metric per head", HEATMAP)
+        assert atlas.locator(HEATMAP).count() >= 1
+        assert not exceptions(atlas)
+        atlas.screenshot(path=str(tmp_path / "atlas.png"), full_page=True)
+        head, _ = render(b, f"{url}/head?model={quote(toy.name, safe='')}&head=L1H2", f"L1H2 of {toy.name}", HEATMAP)
+        assert not exceptions(head)
+        head.screenshot(path=str(tmp_path / "head.png"), full_page=True)
+    assert (tmp_path / "atlas.png").stat().st_size > 10_000 and (tmp_path / "head.png").stat().st_size > 10_000

@@ -48,6 +48,6 @@ def prompt_task(model, clean: str, corrupted: str | None = None, answer: str | N
         answer_id, wrong_id = _answer(model, answer), _answer(model, wrong)
     if answer_id == wrong_id:
         raise WorkbenchError("the answer and the wrong answer are the same token; give two different ones")
-    params = {"clean": clean, "corrupted": corrupted or "", "answer": answer or "", "wrong": wrong or ""}
+    params = {k: v for k, v in (("clean", clean), ("corrupted", corrupted), ("answer", answer), ("wrong", wrong)) if v}
     task = Task("prompt", params, [clean_ids], [corrupt_ids], [answer_id], [wrong_id], [dict(text=clean)], pad_id(model))
     return validate(task, model)

@@ -15,6 +15,7 @@ from circuits.heads_spec import HEAD_RE
 
 store = common.store()
 root = str(store.root)
+title = st.empty()  # filled once the head is known, above the pickers
 done = common.done_runs_or_stop(root)
 model = common.pick_model(done)
 runs = done[done["model"] == model]
@@ -28,7 +29,7 @@ if not HEAD_RE.match(wanted or "") or (names and wanted not in names):
 head = st.selectbox("Head", names, index=names.index(wanted)) if names else wanted
 st.query_params["head"] = head
 layer, h = (int(x) for x in HEAD_RE.match(head).groups())
-st.title(f"{head} of {model}")
+title.title(f"{head} of {model}")
 
 # -- scores ---------------------------------------------------------------------------------
 mine = long[long["name"] == head]

@@ -31,7 +31,8 @@ chosen = st.multiselect("Metrics on the map", labels, default=default)
 if chosen:
     cols = st.columns(min(3, len(chosen)))
     for i, label in enumerate(chosen):
-        fig = head_heatmap(data.grid(long, label, n_layers, n_heads), label)
+        metric, _, run = label.partition(" · ")
+        fig = head_heatmap(data.grid(long, label, n_layers, n_heads), metric, run)
         with cols[i % len(cols)]:
             event = st.plotly_chart(fig, key=f"map-{label}", on_select="rerun", selection_mode="points", width="stretch")
             points = event.selection.points if event else []
