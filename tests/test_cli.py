@@ -4,6 +4,8 @@ import subprocess
 import pandas as pd
 import pytest
 
+from workbench.store import Store
+
 from conftest import WORKBENCH
 
 
@@ -130,6 +132,13 @@ def test_demo_computes_then_finds_everything_in_the_store(tmp_path):
     assert "ioi: mean logit diff clean" in first.stdout and " computed " in first.stdout
     second = wb("demo", "--no-serve", store=store)
     assert second.returncode == 0 and " computed " not in second.stdout and " cached " in second.stdout
+    # the dashboard the demo ends with shows its results: the head atlas joins them per head
+    from app.data import done_runs, head_metrics, head_table
+
+    table = head_table(head_metrics(Store(store), done_runs(Store(store))))
+    assert len(table) == 30 * 9
+    metrics = {c.split(" · ")[0] for c in table.columns}
+    assert {"patch_logit_diff", "dla", "induction_score", "sink_alpha", "retrieval_score", "attn_distance_mean"} <= metrics
 
 
 def test_hub_model_offline_is_one_clear_error(tmp_path):
