@@ -80,5 +80,17 @@ def pick_model(done: pd.DataFrame, key: str = "model") -> str:
     return model
 
 
+def model_page(title: str | None):
+    """The start of every per-model page: (store, root, runs of the chosen model); stops with the
+    start page on an empty store. `title=None` leaves the title to the page."""
+    s = store()
+    root = str(s.root)
+    if title:
+        st.title(title)
+    done = done_runs_or_stop(root)
+    model = pick_model(done)
+    return s, root, model, done[done["model"] == model]
+
+
 def open_head(model: str, head: str) -> None:
     st.switch_page(PAGES["head"][0], query_params={"model": model, "head": head})

@@ -64,6 +64,14 @@ def smollm2():
     return load_model("smollm2-135m")
 
 
+@pytest.fixture(scope="session")
+def embedded_store(tmp_path_factory):
+    """One store for the tests that run the embedded model's standard analyses (the demo, the
+    notebooks): what one computed, the next finds stored, as a user's store would. It is how the
+    suite keeps the embedded model's patching sweeps to one run each."""
+    return tmp_path_factory.mktemp("embedded") / "store"
+
+
 @pytest.fixture()
 def store(tmp_path):
     from workbench.store import Store

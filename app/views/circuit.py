@@ -12,12 +12,7 @@ from app.figures import circuit_figure
 
 NODE_METHODS = ("patching.attn_head", "attribution.dla", "heads.ablation", "patching.attribution", "retrieval.score")
 
-store = common.store()
-root = str(store.root)
-st.title("Circuit")
-done = common.done_runs_or_stop(root)
-model = common.pick_model(done)
-runs = done[done["model"] == model]
+store, root, model, runs = common.model_page("Circuit")
 tasks = sorted(runs["task"].unique())
 task = st.selectbox("Task", tasks, index=tasks.index("ioi") if "ioi" in tasks else 0)
 runs = runs[runs["task"] == task]

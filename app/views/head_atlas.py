@@ -8,12 +8,7 @@ import streamlit as st
 from app import common, data
 from app.figures import head_heatmap
 
-store = common.store()
-root = str(store.root)
-st.title("Head atlas")
-done = common.done_runs_or_stop(root)
-model = common.pick_model(done)
-runs = done[done["model"] == model]
+store, root, model, runs = common.model_page("Head atlas")
 tasks = sorted(runs["task"].unique())
 chosen_tasks = st.multiselect("Tasks", tasks, default=tasks)
 runs = runs[runs["task"].isin(chosen_tasks)]

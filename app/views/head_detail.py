@@ -13,12 +13,8 @@ from app import common, data
 from app.figures import distance_figure, pattern_figure
 from circuits.heads_spec import HEAD_RE
 
-store = common.store()
-root = str(store.root)
 title = st.empty()  # filled once the head is known, above the pickers
-done = common.done_runs_or_stop(root)
-model = common.pick_model(done)
-runs = done[done["model"] == model]
+store, root, model, runs = common.model_page(None)
 long = common.head_metrics(root, tuple(sorted(runs["run_id"])))
 n_layers, n_heads = data.model_shape(store, runs, long)
 names = [f"L{layer}H{h}" for layer in range(n_layers) for h in range(n_heads)]
