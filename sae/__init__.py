@@ -1,1 +1,4 @@
-"""Attention-output sparse autoencoders (hook_z, trained with SAELens); see the SAE issue."""
+"""Attention-output sparse autoencoders on hook_z, trained with SAELens; importing this package
+registers their methods with `workbench.methods`."""
+
+from sae import training  # noqa: F401
