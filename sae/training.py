@@ -1,120 +1,148 @@
-"""Attention-output SAEs (Kissane et al. 2024) on `blocks.L.attn.hook_z`, all heads concatenated
-(n_heads x d_head inputs), trained with SAELens's own `SAETrainer` from activations held in
-memory: every training step is an SAE update, not a model forward (SAELens's end-to-end runner
-runs the model at every step).
+"""Training attention-output SAEs (Kissane et al. 2024) on `blocks.L.attn.hook_z`, all heads
+concatenated (n_heads x d_head inputs), with SAELens's own `SAETrainer` fed from the store's
+activation cache: every training step is an SAE update, not a model forward (SAELens's end-to-end
+runner runs the model at every step), and a sweep of sizes reuses one cache.
 
-`sae.train` collects the layer's hook_z over a task's clean prompts (use the `corpus` task),
-trains one SAE, evaluates it and stores its weights with the evaluation and each feature's head
-attribution (the norm of each head's d_head slice of its decoder row, normalised over heads).
+`sae.train` caches the layer's hook_z over a task's prompts (use the `corpus` task), holds out
+the last `eval_prompts` prompts, trains one SAE (standard L1, top-k or jumprelu) on the rest,
+evaluates it on the held-out prompts (`sae.evaluation`), runs the feature pass over the cache
+(`sae.features`: top examples, histograms, logit effects) and stores it all as one result.
 
-Evaluation: L0, explained variance and MSE of hook_z, dead (never active on the evaluation
-tokens) and dense (active on > 10% of them) feature shares, and cross-entropy loss recovered as
-the paper measures it: (CE_zero - CE_sae) / (CE_zero - CE_clean), splicing the reconstruction
-into the forward pass vs zero-ablating hook_z at that layer.
+Checkpoints: `n_checkpoints` times during training the SAE, the optimizer and the trainer's
+counters are written to `<store>/checkpoints/<run key>/step_N/` (safetensors + JSON, renamed
+into place, so a checkpoint is complete or absent); a killed run started again resumes from the
+latest one and, because batches are a function of (seed, step), ends with the same weights as an
+uninterrupted run. The SAE itself only reaches the store when training and evaluation are done.
+SAELens's own checkpoints are not used: it writes trainer state with `torch.save`, and nothing
+here is loaded with pickle.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
 
-import pandas as pd
 import torch
-from jaxtyping import Float
-from torch import Tensor
+from safetensors.torch import load_file, save_file
 
+from sae.activations import ActivationCache, batches, cache_activations
+from sae.evaluation import evaluate
+from sae.features import feature_pass
+from sae.saes import sae_result, to_inference
 from workbench.errors import WorkbenchError
 from workbench.methods import register
 from workbench.result import Result
 
-ARCHITECTURES = ("standard", "topk")
+ARCHITECTURES = ("standard", "topk", "jumprelu")
+DEFAULT_SPARSITY = {"standard": 5.0, "jumprelu": 1.0}
 
 
-@torch.no_grad()
-def collect_z(model, task, layer: int, batch_size: int = 8) -> Float[Tensor, "tokens d_in"]:
-    """hook_z of `layer` at every real position of the task's clean prompts, heads concatenated."""
-    tokens, lengths = task.tokens("clean", device=model.device)
-    out = []
-    for start in range(0, len(task), batch_size):
-        rows = slice(start, start + batch_size)
-        width = int(lengths[rows].max())
-        _, cache = model.tl.run_with_cache(tokens[rows, :width], stop_at_layer=layer + 1,
-                                           names_filter=f"blocks.{layer}.attn.hook_z")
-        z = cache[f"blocks.{layer}.attn.hook_z"].flatten(-2)  # [batch, pos, head * d_head]
-        valid = torch.arange(width, device=z.device)[None, :] < lengths[rows, None]
-        out.append(z[valid].cpu())
-    return torch.cat(out)
-
-
-def make_sae(arch: str, d_in: int, d_sae: int, l1_coefficient: float, k: int):
+def make_sae(arch: str, d_in: int, d_sae: int, sparsity_coefficient: float | None, k: int | None):
+    from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
     from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
     if arch == "standard":
-        return StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l1_coefficient=l1_coefficient))
+        return StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l1_coefficient=sparsity_coefficient))
+    if arch == "jumprelu":
+        return JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l0_coefficient=sparsity_coefficient))
     return TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k))
 
 
-def train_sae(acts: Float[Tensor, "tokens d_in"], arch: str, d_sae: int, l1_coefficient: float, k: int,
-              n_tokens: int, batch_size: int, lr: float, seed: int):
-    """Train with SAELens's SAETrainer on shuffled batches of `acts` (repeated as needed)."""
-    from sae_lens.config import LoggingConfig, SAETrainerConfig
+def _trainer_class():
+    """SAELens's SAETrainer with a progress bar showing L0 and dead features too, and safe checkpoints."""
     from sae_lens.training.sae_trainer import SAETrainer
 
-    torch.manual_seed(seed)
-    sae = make_sae(arch, acts.shape[1], d_sae, l1_coefficient, k)
-    gen = torch.Generator().manual_seed(seed)
+    class Trainer(SAETrainer):
+        checkpoint_dir: Path | None = None
 
-    def batches():
-        while True:
-            order = torch.randperm(len(acts), generator=gen)
-            for i in range(0, len(order) - batch_size + 1, batch_size):
-                yield acts[order[i : i + batch_size]]
+        def _update_pbar(self, step_output, pbar, update_interval: int = 20):
+            super()._update_pbar(step_output, pbar, update_interval)
+            if self.n_training_steps % update_interval == 0:
+                l0 = (step_output.feature_acts > 0).float().sum(-1).mean().item()
+                pbar.set_postfix(L0=f"{l0:.1f}", dead=int(self.dead_neurons.sum()), refresh=False)
 
-    cfg = SAETrainerConfig(total_training_samples=n_tokens, train_batch_size_samples=batch_size, lr=lr, lr_end=lr,
-                           logger=LoggingConfig(log_to_wandb=False), n_batches_for_norm_estimate=10)
-    return SAETrainer(cfg=cfg, sae=sae, data_provider=batches()).fit()
+        def save_checkpoint(self, checkpoint_name: str, base_path=None):
+            if self.checkpoint_dir is not None:
+                save_checkpoint(self, self.checkpoint_dir)
 
-
-def head_attribution(w_dec: Float[Tensor, "d_sae d_in"], n_heads: int) -> Float[Tensor, "d_sae n_heads"]:
-    """Each feature's decoder norm per head slice, normalised to sum to 1 over heads."""
-    norms = w_dec.view(w_dec.shape[0], n_heads, -1).norm(dim=-1)
-    return norms / norms.sum(-1, keepdim=True).clamp(min=1e-12)
+    return Trainer
 
 
-@torch.no_grad()
-def evaluate(model, task, layer: int, sae, acts: Tensor, batch_size: int = 8) -> dict[str, float]:
-    feats = sae.encode(acts)
-    recon = sae.decode(feats)
-    active = (feats > 0).float()
-    firing = active.mean(0)
-    resid = ((acts - recon) ** 2).sum(-1)
-    total = ((acts - acts.mean(0)) ** 2).sum(-1)
-    metrics = {"sae_l0": active.sum(-1).mean().item(), "sae_mse": resid.mean().item() / acts.shape[1],
-               "sae_explained_variance": 1 - resid.sum().item() / total.sum().item(),
-               "sae_dead_share": (firing == 0).float().mean().item(), "sae_dense_share": (firing > 0.1).float().mean().item()}
-    name = f"blocks.{layer}.attn.hook_z"
+def save_checkpoint(trainer, root: Path) -> Path:
+    """Write the trainer's whole state under `root/step_N/` atomically and drop older checkpoints."""
+    steps = trainer.n_training_steps + 1  # called after a step, before the trainer counts it
+    opt = trainer.optimizer.state_dict()
+    tensors = {f"sae.{k}": v.detach().cpu().contiguous() for k, v in trainer.sae.state_dict().items()}
+    for i, state in opt["state"].items():
+        tensors.update({f"opt.{i}.{k}": torch.as_tensor(v).cpu().contiguous() for k, v in state.items()})
+    tensors["act_freq_scores"] = trainer.act_freq_scores.cpu()
+    tensors["n_forward_passes_since_fired"] = trainer.n_forward_passes_since_fired.cpu()
+    state = {"n_training_samples": trainer.n_training_samples, "n_training_steps": steps,
+             "n_frac_active_samples": trainer.n_frac_active_samples, "started_fine_tuning": trainer.started_fine_tuning,
+             "param_groups": opt["param_groups"], "lr_scheduler": trainer.lr_scheduler.state_dict(),
+             "coefficient_schedulers": {k: v.state_dict() for k, v in trainer.coefficient_schedulers.items()}}
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{os.getpid()}-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    save_file(tensors, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(state))
+    final = root / f"step_{steps:09d}"
+    os.rename(tmp, final)
+    for old in root.iterdir():
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
 
-    def splice(z, hook):
-        flat = z.flatten(-2)
-        return sae.decode(sae.encode(flat)).view_as(z)
 
-    def zero(z, hook):
-        return torch.zeros_like(z)
+def latest_checkpoint(root: Path) -> Path | None:
+    done = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file()) if root.is_dir() else []
+    return done[-1] if done else None
 
-    losses = {"clean": [], "sae": [], "zero": []}
-    tokens, lengths = task.tokens("clean", device=model.device)
-    for start in range(0, len(task), batch_size):
-        rows = slice(start, start + batch_size)
-        batch = tokens[rows, : int(lengths[rows].max())]
-        mask = (torch.arange(batch.shape[1], device=batch.device)[None, 1:] < lengths[rows, None]).float()
-        for kind, hooks in (("clean", []), ("sae", [(name, splice)]), ("zero", [(name, zero)])):
-            logprobs = model.tl.run_with_hooks(batch, fwd_hooks=hooks).log_softmax(-1)
-            nll = -logprobs[:, :-1].gather(-1, batch[:, 1:, None])[..., 0]
-            losses[kind].append(((nll * mask).sum().item(), mask.sum().item()))
-    ce = {k: sum(a for a, _ in v) / sum(b for _, b in v) for k, v in losses.items()}
-    metrics.update(ce_clean=ce["clean"], ce_sae=ce["sae"], ce_zero_ablation=ce["zero"],
-                   ce_loss_recovered=(ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]))
-    return metrics
+
+def restore_checkpoint(trainer, path: Path) -> None:
+    state = json.loads((path / "state.json").read_text())
+    tensors = load_file(str(path / "state.safetensors"))
+    trainer.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+    opt_state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("opt."):
+            _, i, key = name.split(".", 2)
+            opt_state.setdefault(int(i), {})[key] = value
+    trainer.optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    for name, sched in state["coefficient_schedulers"].items():
+        trainer.coefficient_schedulers[name].load_state_dict(sched)
+    trainer.act_freq_scores = tensors["act_freq_scores"]
+    trainer.n_forward_passes_since_fired = tensors["n_forward_passes_since_fired"]
+    for key in ("n_training_samples", "n_training_steps", "n_frac_active_samples", "started_fine_tuning"):
+        setattr(trainer, key, state[key])
+
+
+def train_sae(cache: ActivationCache, train_prompts: range, params: "SAETrainParams", d_sae: int,
+              checkpoint_dir: Path | None = None):
+    """Train with SAELens's SAETrainer on shuffled cached batches; resumes from `checkpoint_dir` if it holds one."""
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+
+    torch.manual_seed(params.seed)
+    sae = make_sae(params.architecture, cache.d_in, d_sae, params.sparsity_coefficient, params.k)
+    cfg = SAETrainerConfig(total_training_samples=params.n_tokens, train_batch_size_samples=params.batch_size,
+                           lr=params.lr, lr_end=params.lr, n_checkpoints=params.n_checkpoints if checkpoint_dir else 0,
+                           logger=LoggingConfig(log_to_wandb=False))
+    trainer_cls = _trainer_class()
+    # the data provider is attached after a possible restore, so it can skip the batches already seen
+    trainer = trainer_cls(cfg=cfg, sae=sae, data_provider=iter(()))
+    trainer.checkpoint_dir = checkpoint_dir
+    found = latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
+    if found is not None:
+        restore_checkpoint(trainer, found)
+        trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples]
+    trainer.data_provider = batches(cache, params.batch_size, params.seed, train_prompts, skip=trainer.n_training_steps)
+    return trainer.fit(), (found is not None)
 
 
 @dataclass
@@ -122,42 +150,59 @@ class SAETrainParams:
     layer: int = 0
     architecture: str = "standard"
     expansion_factor: int = 8
-    l1_coefficient: float = 5.0
-    k: int = 16
+    sparsity_coefficient: float | None = None  # L1 (standard, default 5) or L0 (jumprelu, default 1); not for topk
+    k: int | None = None  # topk only (default 32)
     n_tokens: int = 200_000
     batch_size: int = 1024
     lr: float = 3e-4
     seed: int = 0
+    eval_prompts: int = 32  # the task's last prompts, held out of training
+    n_checkpoints: int = 4
+    n_top_examples: int = 8
+
+
+def check_params(params: SAETrainParams, model, task) -> SAETrainParams:
+    """Refuse what cannot be honoured; fill architecture-specific defaults."""
+    arch = params.architecture
+    if arch not in ARCHITECTURES:
+        raise WorkbenchError(f"unknown architecture '{arch}'; choose one of {', '.join(ARCHITECTURES)}")
+    if arch == "topk" and params.sparsity_coefficient is not None:
+        raise WorkbenchError("topk SAEs set sparsity with k, not sparsity_coefficient; drop sparsity_coefficient")
+    if arch != "topk" and params.k is not None:
+        raise WorkbenchError(f"k applies to topk SAEs only; a {arch} SAE sets sparsity with sparsity_coefficient")
+    if not 0 <= params.layer < model.n_layers:
+        raise WorkbenchError(f"layer {params.layer} is outside the model (0..{model.n_layers - 1})")
+    if params.expansion_factor < 1 or params.batch_size < 1 or params.n_tokens < params.batch_size:
+        raise WorkbenchError("expansion_factor must be >= 1 and n_tokens >= batch_size >= 1")
+    if not 1 <= params.eval_prompts < len(task):
+        raise WorkbenchError(f"eval_prompts = {params.eval_prompts} must be between 1 and the task's prompt count - 1 "
+                             f"({len(task) - 1}); the rest are for training")
+    train_tokens = sum(len(p) for p in task.clean[: len(task) - params.eval_prompts])
+    if train_tokens < params.batch_size:
+        raise WorkbenchError(f"the corpus is too small: {train_tokens} training tokens, fewer than one batch of "
+                             f"{params.batch_size}; raise the task's n_prompts or seq_len, or lower batch_size")
+    if arch == "topk":
+        return replace(params, k=params.k or 32)
+    return replace(params, sparsity_coefficient=DEFAULT_SPARSITY[arch] if params.sparsity_coefficient is None
+                   else params.sparsity_coefficient)
 
 
 @register("sae.train", SAETrainParams,
-          "train an attention-output SAE on one layer's hook_z (SAELens trainer) and evaluate it")
-def sae_train(model, task, params: SAETrainParams) -> Result:
-    if not 0 <= params.layer < model.n_layers:
-        raise WorkbenchError(f"layer {params.layer} is outside the model (0..{model.n_layers - 1})")
-    if params.architecture not in ARCHITECTURES:
-        raise WorkbenchError(f"unknown architecture '{params.architecture}'; choose one of {', '.join(ARCHITECTURES)}")
-    if params.expansion_factor < 1 or params.n_tokens < params.batch_size or params.batch_size < 1:
-        raise WorkbenchError("expansion_factor must be >= 1 and n_tokens >= batch_size >= 1")
-    acts = collect_z(model, task, params.layer)
-    if len(acts) < params.batch_size:
-        raise WorkbenchError(f"the task holds {len(acts)} tokens, fewer than one batch of {params.batch_size}; "
-                             "use more or longer prompts (corpus task: raise n_prompts or seq_len)")
-    d_in = acts.shape[1]
-    sae = train_sae(acts, params.architecture, params.expansion_factor * d_in, params.l1_coefficient, params.k,
-                    params.n_tokens, params.batch_size, params.lr, params.seed)
-    sae.eval()
-    metrics = evaluate(model, task, params.layer, sae, acts)
-    w_dec = sae.W_dec.detach().float()
-    attribution = head_attribution(w_dec, model.n_heads)
-    frames = [pd.DataFrame({"component": "model", "layer": params.layer, "metric": list(metrics), "value": list(metrics.values())})]
-    feats = torch.arange(w_dec.shape[0]).repeat_interleave(model.n_heads)
-    heads = torch.arange(model.n_heads).repeat(w_dec.shape[0])
-    frames.append(pd.DataFrame({"component": "sae_feature", "layer": params.layer, "head": heads.numpy(),
-                                "feature": feats.numpy(), "metric": "head_attribution",
-                                "value": attribution.flatten().numpy()}))
-    tensors = {"W_enc": sae.W_enc.detach().float().contiguous(), "W_dec": w_dec.contiguous(),
-               "b_enc": sae.b_enc.detach().float(), "b_dec": sae.b_dec.detach().float(), "head_attribution": attribution}
-    meta = {"hook": f"blocks.{params.layer}.attn.hook_z", "d_in": d_in, "d_sae": w_dec.shape[0], "tokens_collected": len(acts),
-            "tensor_dims": {"W_enc": ["d_in", "d_sae"], "W_dec": ["d_sae", "d_in"], "head_attribution": ["d_sae", "head"]}}
-    return Result(pd.concat(frames, ignore_index=True), tensors=tensors, meta=meta)
+          "train an attention-output SAE on one layer's hook_z from the activation cache (SAELens trainer), "
+          "evaluate it and find its features' top examples", version=2, uses_store=True)
+def sae_train(model, task, params: SAETrainParams, ctx) -> Result:
+    params = check_params(params, model, task)
+    cache = cache_activations(ctx.store, model, task, params.layer)
+    n_train = len(task) - params.eval_prompts
+    checkpoints = ctx.store.root / "checkpoints" / ctx.key
+    trained, resumed = train_sae(cache, range(n_train), params, params.expansion_factor * cache.d_in, checkpoints)
+    sae = to_inference(trained, params.layer, model.identity.name)
+    metrics = evaluate(model, task, params.layer, sae, range(n_train, len(task)))
+    features = feature_pass(sae, model, cache, range(n_train), params.n_top_examples)
+    result = sae_result(sae, model, params.layer, metrics,
+                        {"activation_cache": cache.key, "train_prompts": n_train, "train_tokens_available":
+                         int(sum(len(p) for p in task.clean[:n_train])), "resumed_from_checkpoint": resumed,
+                         "token_strings": features.token_strings},
+                        extra_tensors=features.tensors, extra_frames=[features.frame])
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return result

@@ -1,52 +1,136 @@
-"""Attention-output SAE training (SAELens trainer) on a toy model's hook_z: it must reconstruct
-better than predicting the mean, and head attribution must be a distribution over heads."""
+"""Attention-output SAEs on a toy model's hook_z: the activation cache holds exactly hook_z and is
+reused, trained SAEs beat predicting the mean, a killed run resumes to the same weights, head
+attribution is a distribution over heads, the feature pass and direct feature attribution agree
+with direct computations, pretrained SAELens SAEs load, bad input is refused without writing."""
 
 import pytest
 import torch
 
 from conftest import make_toy_tl
-from sae.training import collect_z, head_attribution
+from sae import activations, training
+from sae.activations import batches, cache_activations, find_cache
+from sae.features import head_roles
+from sae.saes import head_attribution, load_sae
 from workbench.errors import WorkbenchError
-from workbench.methods import get_method
 from workbench.models import from_hooked_transformer
+from workbench.runner import run_method
+from workbench.store import Store
 from workbench.tasks import build_task
+
+BASE = {"layer": 1, "expansion_factor": 4, "n_tokens": 40_000, "batch_size": 256, "lr": 1e-3, "eval_prompts": 8}
 
 
 @pytest.fixture(scope="module")
 def toy_and_task():
-    toy = from_hooked_transformer(make_toy_tl(seed=1), "toy-sae")
+    # grouped-query attention with rotary positions, like the embedded model
+    tl = make_toy_tl(seed=1, n_key_value_heads=2, positional_embedding_type="rotary", rotary_dim=8)
+    toy = from_hooked_transformer(tl, "toy-sae")
     return toy, build_task(toy, "induction", {"n_prompts": 64, "seq_len": 20})
 
 
-def train(toy, task, **params):
-    m = get_method("sae.train")
-    return m.fn(toy, task, m.parse({"layer": 1, "expansion_factor": 4, "n_tokens": 40_000, "batch_size": 256,
-                                    "l1_coefficient": 1.0, "lr": 1e-3, **params}))
+@pytest.fixture(scope="module")
+def sae_store(tmp_path_factory):
+    return Store(tmp_path_factory.mktemp("sae-store"))
 
 
-def test_hook_z_is_collected_with_heads_concatenated(toy_and_task):
+@pytest.fixture(scope="module")
+def standard(toy_and_task, sae_store):
     toy, task = toy_and_task
-    acts = collect_z(toy, task, 1)
-    assert acts.shape == (sum(len(c) for c in task.clean), toy.n_heads * toy.d_head)
-    _, cache = toy.tl.run_with_cache(torch.tensor([task.clean[0]]))
-    z = cache["blocks.1.attn.hook_z"][0]  # [pos, head, d_head]
-    assert torch.allclose(acts[: len(task.clean[0])], z.flatten(-2), atol=1e-6)
+    return run_method(toy, task, "sae.train", {**BASE, "sparsity_coefficient": 1.0}, sae_store)
 
 
-@pytest.mark.parametrize("architecture", ["standard", "topk"])
-def test_a_trained_sae_beats_the_mean_and_attributes_features_to_heads(toy_and_task, architecture):
+def hook_z(toy, tokens, layer=1):
+    _, cache = toy.tl.run_with_cache(torch.tensor([tokens]))
+    return cache[f"blocks.{layer}.attn.hook_z"][0].flatten(-2)  # [pos, head * d_head]
+
+
+def test_the_activation_cache_holds_hook_z_in_shards_with_token_prompt_and_position(toy_and_task, tmp_path):
     toy, task = toy_and_task
-    result = train(toy, task, architecture=architecture, k=8)
-    # explained variance > 0 means lower error than always predicting the mean activation
+    cache = cache_activations(Store(tmp_path), toy, task, 1, shard_tokens=500, progress=False)
+    lengths = [len(p) for p in task.clean]
+    assert cache.n_tokens == sum(lengths) and cache.d_in == toy.n_heads * toy.d_head and len(cache.shards) > 1
+    data = cache.load()
+    first = data["prompt"] == 3
+    assert torch.allclose(data["z"][first], hook_z(toy, task.clean[3]), atol=1e-5)
+    assert data["token"][first].tolist() == task.clean[3] and data["position"][first].tolist() == list(range(lengths[3]))
+    assert find_cache(Store(tmp_path), toy, task, 1).key == cache.key
+    other = build_task(toy, "induction", {"n_prompts": 64, "seq_len": 20, "seed": 1})
+    assert find_cache(Store(tmp_path), toy, other, 1) is None  # other tokens, other key
+
+
+def test_batches_draw_only_training_prompts_and_skipping_resumes_the_same_stream(toy_and_task, tmp_path):
+    toy, task = toy_and_task
+    cache = cache_activations(Store(tmp_path), toy, task, 1, shard_tokens=300, progress=False)
+    data = cache.load()
+    train = data["z"][data["prompt"] < 50]
+    stream = batches(cache, 64, seed=3, prompts=range(50))
+    drawn = torch.cat([next(stream) for _ in range(40)])  # more than one epoch
+    assert all((train == row).all(-1).any() for row in drawn[:200])  # every row is a training row
+    held_out = data["z"][data["prompt"] >= 50]
+    only_held_out = held_out[[not (train == row).all(-1).any() for row in held_out]]  # (first tokens repeat across prompts)
+    assert len(only_held_out) > 100 and not any((only_held_out == row).all(-1).any() for row in drawn)
+    resumed = batches(cache, 64, seed=3, prompts=range(50), skip=25)
+    assert torch.equal(torch.cat([next(resumed) for _ in range(15)]), drawn[25 * 64:])
+
+
+def test_a_sweep_reuses_one_activation_cache(toy_and_task, sae_store, standard, monkeypatch):
+    toy, task = toy_and_task
+    monkeypatch.setattr(activations, "collect_z", lambda *a, **k: pytest.fail("the model ran again to cache activations"))
+    bigger = run_method(toy, task, "sae.train", {**BASE, "sparsity_coefficient": 1.0, "expansion_factor": 8}, sae_store)
+    assert bigger.meta["activation_cache"] == standard.meta["activation_cache"]
+    assert bigger.tensors["W_dec"].shape[0] == 2 * standard.tensors["W_dec"].shape[0]
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu"])
+def test_a_trained_sae_beats_the_mean_and_attributes_features_to_heads(toy_and_task, sae_store, standard, architecture):
+    toy, task = toy_and_task
+    extra = {"standard": {"sparsity_coefficient": 1.0}, "topk": {"k": 8}, "jumprelu": {"sparsity_coefficient": 0.01}}
+    result = standard if architecture == "standard" else run_method(
+        toy, task, "sae.train", {**BASE, "architecture": architecture, **extra[architecture]}, sae_store)
+    assert result.meta["architecture"] == architecture
+    # explained variance > 0 means lower error than always predicting the mean activation (held-out prompts)
     assert result.value("sae_explained_variance") > 0.5
-    assert 0 < result.value("sae_l0") < 4 * toy.n_heads * toy.d_head
+    d_in = toy.n_heads * toy.d_head
+    assert 0 < result.value("sae_l0") < 4 * d_in
+    if architecture == "topk":
+        assert result.value("sae_l0") <= 8
     attribution = result.tensors["head_attribution"]
-    assert attribution.shape == (4 * toy.n_heads * toy.d_head, toy.n_heads)
+    assert attribution.shape == (4 * d_in, toy.n_heads)
     assert torch.allclose(attribution.sum(-1), torch.ones(attribution.shape[0]), atol=1e-5)
     assert torch.allclose(attribution, head_attribution(result.tensors["W_dec"], toy.n_heads))
     ce = {m: result.value(m) for m in ("ce_clean", "ce_sae", "ce_zero_ablation", "ce_loss_recovered")}
-    assert ce["ce_loss_recovered"] == pytest.approx(
-        (ce["ce_zero_ablation"] - ce["ce_sae"]) / (ce["ce_zero_ablation"] - ce["ce_clean"]))
+    assert ce["ce_loss_recovered"] == pytest.approx((ce["ce_zero_ablation"] - ce["ce_sae"]) / (ce["ce_zero_ablation"] - ce["ce_clean"]))
+    # the stored SAE comes back through SAELens and reconstructs held-out hook_z as evaluated
+    sae = load_sae(result)
+    z = hook_z(toy, task.clean[-1])
+    assert sae.cfg.metadata.hook_name == "blocks.1.attn.hook_z"
+    assert ((sae.decode(sae.encode(z)) - z) ** 2).sum() < ((z - z.mean(0)) ** 2).sum()
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_weights(toy_and_task, tmp_path, monkeypatch):
+    toy, task = toy_and_task
+    params = {**BASE, "sparsity_coefficient": 1.0, "n_tokens": 20_480, "n_checkpoints": 3}
+    clean = run_method(toy, task, "sae.train", params, Store(tmp_path / "a"))
+    assert clean.meta["resumed_from_checkpoint"] is False
+
+    store = Store(tmp_path / "b")
+    original = training.save_checkpoint
+
+    def save_then_die(trainer, root):
+        original(trainer, root)
+        raise KeyboardInterrupt  # the process is killed right after the first checkpoint
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_method(toy, task, "sae.train", params, store)
+    assert store.catalog(status="done").empty  # nothing half-trained was stored
+    assert len(list((store.root / "checkpoints").rglob("state.json"))) == 1
+    monkeypatch.setattr(training, "save_checkpoint", original)
+    resumed = run_method(toy, task, "sae.train", params, store)
+    assert resumed.meta["resumed_from_checkpoint"] is True
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        assert torch.allclose(resumed.tensors[name], clean.tensors[name], atol=1e-6), name
+    assert not any((store.root / "checkpoints").rglob("state.json"))  # cleaned up once stored
 
 
 def test_head_attribution_of_a_feature_living_in_one_head_is_one_hot():
@@ -57,12 +141,111 @@ def test_head_attribution_of_a_feature_living_in_one_head_is_one_hot():
     assert torch.allclose(a[0], torch.tensor([0.0, 1.0, 0.0])) and torch.allclose(a[1], torch.full((3,), 1 / 3))
 
 
-def test_bad_sae_input_is_refused(toy_and_task):
+def test_a_head_whose_features_write_different_directions_is_polysemantic():
+    # head 0: two features writing orthogonal directions (two roles); head 1: two writing the same one
+    w_dec = torch.zeros(4, 2 * 2)
+    w_dec[0, 0], w_dec[1, 1] = 1.0, 1.0
+    w_dec[2, 2], w_dec[3, 2] = 1.0, 2.0
+    roles = head_roles(w_dec, head_attribution(w_dec, 2), torch.ones(4, dtype=torch.bool), 2)
+    value = {(r.head, r.metric): r.value for r in roles.itertuples()}
+    assert value[(0, "sae_head_roles")] == 2 and value[(0, "sae_polysemantic")] == 1
+    assert value[(1, "sae_head_roles")] == 1 and value[(1, "sae_polysemantic")] == 0
+    dead = head_roles(w_dec, head_attribution(w_dec, 2), torch.tensor([True, False, True, True]), 2)
+    assert {(r.head, r.metric): r.value for r in dead.itertuples()}[(0, "sae_polysemantic")] == 0
+
+
+def test_top_examples_histograms_and_logit_effects_match_a_direct_computation(toy_and_task, sae_store, standard):
     toy, task = toy_and_task
-    with pytest.raises(WorkbenchError, match="outside the model"):
-        train(toy, task, layer=5)
-    with pytest.raises(WorkbenchError, match="unknown architecture"):
-        train(toy, task, architecture="gated")
-    small = build_task(toy, "induction", {"n_prompts": 2, "seq_len": 4})
-    with pytest.raises(WorkbenchError, match="fewer than one batch"):
-        train(toy, small)
+    sae = load_sae(standard)
+    data = find_cache(sae_store, toy, task, 1).load(range(task_count := len(task) - 8))
+    acts = sae.encode(data["z"]).detach()
+    t = standard.tensors
+    top = acts.topk(8, dim=0)
+    assert torch.allclose(t["example_max"], top.values.T, atol=1e-5)
+    frequency = standard.metric("feature_frequency").sort_values("feature")["value"].to_numpy()
+    assert frequency == pytest.approx(((acts > 0).float().mean(0)).numpy(), abs=1e-6)
+    assert torch.equal(t["activation_histogram"].sum(-1), (acts > 0).sum(0).float())
+    # the example token sits at offset 12 of its window, with the feature's activation there
+    f = int(t["example_max"][:, 0].argmax())
+    row = int(top.indices[0, f])
+    assert int(t["example_prompt"][f, 0]) == int(data["prompt"][row]) < task_count
+    assert t["example_acts"][f, 0, 12] == pytest.approx(float(top.values[0, f]), abs=1e-5)
+    assert int(t["example_tokens"][f, 0, 12]) == int(data["token"][row])
+    direction = torch.einsum("hd,hdm->m", sae.W_dec[f].view(toy.n_heads, toy.d_head), toy.tl.W_O[1])
+    logits = (direction @ toy.tl.W_U).detach()
+    assert t["logit_top_ids"][f].tolist() == logits.topk(10).indices.tolist()
+    assert torch.allclose(t["logit_bottom_values"][f], logits.topk(10, largest=False).values, atol=1e-5)
+
+
+def test_feature_activations_on_prompts_equal_encoding_hook_z(toy_and_task, sae_store, standard):
+    toy, task = toy_and_task
+    result = run_method(toy, task, "sae.activations", {"sae": standard.run_id}, sae_store)
+    rows = result.scores[result.scores["prompt"] == 5]
+    sae = load_sae(standard)
+    acts = sae.encode(hook_z(toy, task.clean[5])).detach()
+    assert len(rows) == int((acts > 0).sum())
+    for r in rows.itertuples():
+        assert r.value == pytest.approx(float(acts[r.position, r.feature]), abs=1e-5)
+
+
+def test_direct_feature_attribution_sums_to_each_features_preactivation(toy_and_task, sae_store, standard):
+    toy, task = toy_and_task
+    result = run_method(toy, task, "sae.dfa", {"sae": standard.run_id, "n_features": 5}, sae_store)
+    s = result.scores
+    key = ["prompt", "feature"]
+    act = s[s.metric == "feature_activation"].set_index(key)["value"]
+    pre = s[s.metric == "feature_preactivation"].set_index(key)["value"]
+    # a ReLU SAE's active feature equals its pre-activation: the decomposition is exact
+    assert len(act) > 0 and (act - pre.loc[act.index]).abs().max() < 1e-4
+    per_head = s[s.metric == "dfa_head"].groupby(key + ["head"])["value"].sum()
+    per_src = s[s.metric == "dfa"].groupby(key + ["head"])["value"].sum()
+    assert (per_head - per_src.loc[per_head.index]).abs().max() < 1e-5
+    sae = load_sae(standard)
+    constant = (sae.b_enc - sae.b_dec @ sae.W_enc).detach()
+    total = per_head.groupby(key).sum() + [float(constant[f]) for f in per_head.groupby(key).sum().index.get_level_values(1)]
+    assert (total - pre.loc[total.index]).abs().max() < 1e-4
+    one = run_method(toy, task, "sae.dfa", {"sae": standard.run_id, "heads": ["L1H2"], "n_features": 5}, sae_store).scores
+    assert set(one.dropna(subset=["head"])["head"]) == {2}
+
+
+def test_a_pretrained_saelens_directory_loads_and_is_checked(toy_and_task, sae_store, standard, tmp_path):
+    toy, task = toy_and_task
+    sae = load_sae(standard)
+    sae.save_model(tmp_path / "pretrained")
+    loaded = run_method(toy, task, "sae.load", {"path": str(tmp_path / "pretrained")}, sae_store)
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        assert torch.equal(loaded.tensors[name], standard.tensors[name])
+    assert loaded.meta["layer"] == 1 and loaded.value("sae_l0") > 0
+    sae.cfg.metadata.hook_name = "blocks.1.hook_resid_pre"
+    sae.save_model(tmp_path / "resid")
+    with pytest.raises(WorkbenchError, match="not an attention output"):
+        run_method(toy, task, "sae.load", {"path": str(tmp_path / "resid")}, sae_store)
+    narrow = from_hooked_transformer(make_toy_tl(seed=2, d_head=4), "toy-narrow")  # hook_z is 4 x 4 wide
+    with pytest.raises(WorkbenchError, match="d_in is 32"):
+        run_method(narrow, build_task(narrow, "induction", {"n_prompts": 4}), "sae.load",
+                   {"path": str(tmp_path / "pretrained")}, sae_store)
+    with pytest.raises(WorkbenchError, match="could not load SAE"):
+        run_method(toy, task, "sae.load", {"release": "no-such-release", "sae_id": "x"}, sae_store)
+
+
+def test_bad_sae_input_is_refused_and_writes_nothing(toy_and_task, tmp_path, standard):
+    toy, task = toy_and_task
+    store = Store(tmp_path / "empty")
+    bad = [({"layer": 5}, "outside the model"), ({"architecture": "gated"}, "unknown architecture"),
+           ({"architecture": "topk", "sparsity_coefficient": 1.0}, "set sparsity with k"),
+           ({"k": 8}, "k applies to topk"), ({"eval_prompts": 64}, "eval_prompts"), ({"batch_size": 4096, "n_tokens": 8192}, "too small")]
+    for params, message in bad:
+        with pytest.raises(WorkbenchError, match=message):
+            run_method(toy, task, "sae.train", {**BASE, **params}, store)
+    with pytest.raises(WorkbenchError, match="give sae"):
+        run_method(toy, task, "sae.dfa", {}, store)
+    assert not store.root.exists() or (store.catalog().empty and not (store.root / "activations").exists())
+
+
+def test_an_sae_run_id_must_name_an_sae(toy_and_task, sae_store, standard):
+    toy, task = toy_and_task
+    other = run_method(toy, task, "logit_diff", {}, sae_store)
+    with pytest.raises(WorkbenchError, match="is not an SAE"):
+        run_method(toy, task, "sae.dfa", {"sae": other.run_id}, sae_store)
+    with pytest.raises(WorkbenchError, match="L1H0..L1H3"):
+        run_method(toy, task, "sae.dfa", {"sae": standard.run_id, "heads": ["L0H1"]}, sae_store)

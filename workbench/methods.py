@@ -24,6 +24,7 @@ class Method:
     params: type
     description: str
     version: int = 1
+    uses_store: bool = False  # then fn(model, task, params, ctx) gets a `workbench.runner.RunContext`
 
     def parse(self, params: dict[str, Any] | None):
         return parse_params(self.params, params, f"method '{self.name}'")
@@ -33,16 +34,18 @@ _METHODS: dict[str, Method] = {}
 _loaded = False
 
 
-def register(name: str, params: type, description: str, version: int = 1):
+def register(name: str, params: type, description: str, version: int = 1, uses_store: bool = False):
     """Decorator: register `fn(model, task, params) -> Result` under `name`.
 
     Bump `version` when a change to the method changes its numbers: the store keys on it.
+    `uses_store=True` is for methods that read other stored results or keep working files
+    (activation caches, checkpoints): they are called as `fn(model, task, params, ctx)`.
     """
 
     def wrap(fn):
         if name in _METHODS and _METHODS[name].fn is not fn:
             raise RuntimeError(f"method '{name}' is registered twice")
-        _METHODS[name] = Method(name, fn, params, description, version)
+        _METHODS[name] = Method(name, fn, params, description, version, uses_store)
         return fn
 
     return wrap

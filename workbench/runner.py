@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from workbench import __version__
 from workbench.methods import get_method
 from workbench.params import to_dict
 from workbench.result import SCHEMA_VERSION, Result
-from workbench.store import Store
+from workbench.store import Store, content_key
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a `uses_store` method gets besides (model, task, params): the store its result goes to
+    and the result's key (for working files that belong to that run, e.g. training checkpoints)."""
+
+    store: Store
+    key: str
 
 
 def run_spec(model, task, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -32,7 +42,8 @@ def run_method(model, task, method: str, params: dict[str, Any] | None = None, s
     store = store if store is not None else Store()
 
     def compute() -> Result:
-        result = m.fn(model, task, parsed)
+        args = (RunContext(store, content_key(spec)),) if m.uses_store else ()
+        result = m.fn(model, task, parsed, *args)
         result.meta.update(workbench_version=__version__, device=str(model.device),
                            model_shape={"n_layers": model.n_layers, "n_heads": model.n_heads, "n_kv_heads": model.n_kv_heads})
         return result
