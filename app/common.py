@@ -14,6 +14,7 @@ PAGES = {  # url path -> (script, title)
     "atlas": ("views/head_atlas.py", "Head atlas"),
     "head": ("views/head_detail.py", "Head"),
     "circuit": ("views/circuit.py", "Circuit"),
+    "features": ("views/features.py", "Features"),
     "explore": ("views/prompt_explorer.py", "Prompt explorer"),
     "launch": ("views/launch.py", "Launch"),
 }

@@ -103,3 +103,48 @@ def model_shape(store: Store, runs: pd.DataFrame, long: pd.DataFrame) -> tuple[i
     if long.empty:
         return 0, 0
     return int(long["layer"].max()) + 1, int(long["head"].max()) + 1
+
+
+SAE_METHODS = ("sae.train", "sae.load")
+
+
+def sae_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The stored SAEs among `runs`."""
+    return runs[runs["method"].isin(SAE_METHODS)]
+
+
+def run_tensors(store: Store, run_id: str, names: list[str]) -> dict:
+    """Only the named tensors of a run, as numpy (an SAE's weights are not read to draw one feature)."""
+    from safetensors import safe_open
+
+    path = store.run_dir(store.resolve(run_id)) / "tensors.safetensors"
+    with safe_open(str(path), framework="np") as f:
+        present = set(f.keys())
+        return {n: f.get_tensor(n) for n in names if n in present}
+
+
+def feature_examples(tensors: dict, token_strings: dict[str, str], feature: int) -> list[dict]:
+    """A feature's stored top examples: tokens and the feature's activation on each, in context."""
+    out = []
+    for i, peak in enumerate(tensors["example_max"][feature]):
+        ids = tensors["example_tokens"][feature, i]
+        if peak <= 0:
+            break
+        keep = ids >= 0
+        out.append({"rank": i, "max": float(peak), "prompt": int(tensors["example_prompt"][feature, i]),
+                    "position": int(tensors["example_position"][feature, i]),
+                    "tokens": [token_strings.get(str(int(t)), f"<{int(t)}>") for t in ids[keep]],
+                    "acts": [float(a) for a in tensors["example_acts"][feature, i][keep]]})
+    return out
+
+
+def head_top_features(scores: pd.DataFrame, head: int, n: int = 10) -> pd.DataFrame:
+    """A head's features ranked by head attribution (with how often each fires, when stored)."""
+    att = scores[(scores["metric"] == "head_attribution") & (scores["head"] == head)]
+    table = att[["feature", "value"]].rename(columns={"value": "attribution"})
+    freq = scores[scores["metric"] == "feature_frequency"][["feature", "value"]].rename(columns={"value": "frequency"})
+    if not freq.empty:
+        table = table.merge(freq, on="feature")
+        table = table[table["frequency"] > 0]
+    table = table.sort_values("attribution", ascending=False).head(n).reset_index(drop=True)
+    return table.astype({"feature": int})

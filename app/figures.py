@@ -84,3 +84,42 @@ def circuit_figure(nodes: pd.DataFrame, edges: pd.DataFrame, n_layers: int, n_he
     fig.update_xaxes(range=[-0.5, n_layers + 0.5], dtick=1 if n_layers <= 32 else 2)
     fig.update_yaxes(range=[n_heads + 0.8, -0.8])
     return fig
+
+
+def highlighted_tokens_html(tokens: list[str], acts: list[float], scale: float) -> str:
+    """Tokens as HTML spans shaded by a feature's activation (scale = the feature's max)."""
+    import html
+
+    spans = []
+    for token, act in zip(tokens, acts):
+        alpha = 0.0 if scale <= 0 else min(1.0, max(0.0, act / scale))
+        text = html.escape(token).replace("\n", "⏎")
+        spans.append(f'<span title="{act:.3f}" style="background: rgba(255,140,0,{alpha:.2f}); '
+                     f'border-radius: 2px; white-space: pre">{text}</span>')
+    return "<div style='font-family: monospace; line-height: 1.8'>" + "".join(spans) + "</div>"
+
+
+def feature_histogram_figure(counts: np.ndarray, edges: np.ndarray, title: str) -> go.Figure:
+    """Counts of a feature's positive activations per log10 bin (the outer bins are open-ended)."""
+    labels = [f"< {edges[0]:.2g}"] + [f"{a:.2g}..{b:.2g}" for a, b in zip(edges[:-1], edges[1:])] + [f">= {edges[-1]:.2g}"]
+    fig = go.Figure(go.Bar(x=labels, y=counts, hovertemplate="log10 activation %{x}: %{y}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="log10 activation", yaxis_title="tokens", height=300,
+                      margin=dict(l=40, r=20, t=50, b=40))
+    return fig
+
+
+def head_attribution_figure(values: np.ndarray, layer: int, title: str) -> go.Figure:
+    heads = [head_name(layer, h) for h in range(len(values))]
+    fig = go.Figure(go.Bar(x=heads, y=values, customdata=heads, hovertemplate="%{x}: %{y:.3f}<extra></extra>"))
+    fig.update_layout(title=title, yaxis_title="share of decoder norm", yaxis_range=[0, 1], height=300,
+                      margin=dict(l=40, r=20, t=50, b=40))
+    return fig
+
+
+def logit_effect_figure(tokens: list[str], values: np.ndarray, title: str) -> go.Figure:
+    fig = go.Figure(go.Bar(x=values, y=[repr(t) for t in tokens], orientation="h",
+                           hovertemplate="%{y}: %{x:.3f}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="direct effect on the logit", height=320,
+                      margin=dict(l=40, r=20, t=50, b=40))
+    fig.update_yaxes(autorange="reversed")
+    return fig

@@ -15,7 +15,7 @@ from workbench.store import Store
 from workbench.tasks import build_task
 
 HOME = str(Path(__file__).resolve().parent.parent / "app" / "Home.py")
-PAGES = ["runs", "head_atlas", "head_detail", "circuit", "prompt_explorer", "launch"]
+PAGES = ["runs", "head_atlas", "head_detail", "circuit", "features", "prompt_explorer", "launch"]
 RUNS = [
     ("logit_diff", {}),
     ("patching.attn_head", {}),
@@ -34,6 +34,9 @@ def populated(tmp_path_factory, toy, toy_dir):
     store = Store(tmp_path_factory.mktemp("app") / "store")
     task = build_task(toy, "induction", {"n_prompts": 4, "seq_len": 6})
     results = {m: run_method(toy, task, m, p, store) for m, p in RUNS}
+    sae_task = build_task(toy, "induction", {"n_prompts": 40, "seq_len": 10})
+    results["sae.train"] = run_method(toy, sae_task, "sae.train", {"layer": 1, "expansion_factor": 2, "n_tokens": 5120,
+                                                                   "batch_size": 128, "eval_prompts": 4}, store)
     return store, results, str(toy_dir)
 
 
@@ -64,7 +67,7 @@ def test_every_page_on_an_empty_store_says_how_to_start(tmp_path, monkeypatch, p
     monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "empty"))
     at = app(None, None if page == "runs" else page)
     assert not at.exception
-    if page in ("runs", "head_atlas", "head_detail", "circuit"):
+    if page in ("runs", "head_atlas", "head_detail", "circuit", "features"):
         assert "workbench demo" in at.info[0].value
 
 
@@ -130,6 +133,35 @@ def test_head_page_deep_link_shows_its_scores_pattern_sources_and_distance(popul
     stored = results["attention.patterns"].tensors["pattern"][0, 1, 2].numpy()
     assert np.allclose(pattern, stored[: pattern.shape[0], : pattern.shape[1]], atol=1e-6)
     assert len(figs) == 3  # pattern, DLA by source position (stored for L1H2), distance profile
+    sae = results["sae.train"]
+    features = at.dataframe[-1].value  # the head's top SAE features, by head attribution
+    attribution = sae.tensors["head_attribution"][:, 2]
+    live = sae.metric("feature_frequency").sort_values("feature")["value"].to_numpy() > 0
+    best = max((f for f in range(len(attribution)) if live[f]), key=lambda f: float(attribution[f]))
+    assert features["feature"].iloc[0] == best and features["attribution"].iloc[0] == pytest.approx(float(attribution[best]))
+    assert features["open"].iloc[0] == f"features?model={toy.name}&sae={sae.run_id}&feature={best}&head=L1H2"
+
+
+def test_features_page_shows_a_features_examples_histogram_attribution_and_logit_effects(populated, monkeypatch, toy):
+    store, results, _ = populated
+    sae = results["sae.train"]
+    t = sae.tensors
+    feature = int(t["example_max"][:, 0].argmax())
+    monkeypatch.setenv("WORKBENCH_HOME", str(store.root))
+    at = app(store, "features", model=toy.name, sae=sae.run_id, feature=str(feature))
+    assert not at.exception
+    assert at.number_input[0].value == feature
+    metrics = {m.label: m.value for m in at.metric}
+    assert float(metrics["L0"]) == pytest.approx(sae.value("sae_l0"), rel=1e-2)
+    attribution, histogram, top, bottom = figures(at)
+    assert np.allclose(array(attribution["data"][0]["y"]), t["head_attribution"][feature].numpy(), atol=1e-6)
+    assert np.allclose(array(histogram["data"][0]["y"]), t["activation_histogram"][feature].numpy())
+    assert np.allclose(array(top["data"][0]["x"]), t["logit_top_values"][feature].numpy(), atol=1e-5)
+    assert np.allclose(array(bottom["data"][0]["x"]), t["logit_bottom_values"][feature].numpy(), atol=1e-5)
+    examples = [m.value for m in at.markdown if "rgba(255,140,0" in m.value]
+    assert len(examples) == int((t["example_max"][feature] > 0).sum()) > 0
+    assert examples[0].startswith(f"**{float(t['example_max'][feature, 0]):.3f}**")
+    assert "rgba(255,140,0,1.00)" in examples[0]  # the top example's peak token is fully shaded
 
 
 def test_head_page_refuses_a_head_outside_the_model(populated, monkeypatch, toy):

@@ -1,6 +1,6 @@
 """One head (deep link: `head?model=NAME&head=L5H3`): its scores across tasks and metrics (with
 its rank among all heads), its attention pattern on a stored prompt, its DLA per source
-position, and its query-key distance profile."""
+position, its query-key distance profile and its top features in stored attention-output SAEs."""
 
 from __future__ import annotations
 
@@ -83,3 +83,15 @@ else:
     hist = common.run_tensor(root, r["run_id"], "distance_hist")[layer, h]
     bins = common.run_meta(root, r["run_id"])["distance_bins"]
     st.plotly_chart(distance_figure(np.asarray(hist), bins, f"{head} on {r['task']}"), width="stretch")
+
+# -- SAE features ---------------------------------------------------------------------------
+st.subheader("Top features in attention-output SAEs")
+at_layer = [r for r in data.sae_runs(runs).itertuples() if common.run_meta(root, r.run_id).get("layer") == layer]
+if not at_layer:
+    st.info(f"No SAE on layer {layer} stored: train one with `sae.train` (layer = {layer}) or load one with `sae.load`.")
+for r in at_layer:
+    top = data.head_top_features(common.run_scores(root, r.run_id), h, 8)
+    top.insert(0, "open", [f"features?model={model}&sae={r.run_id}&feature={f}&head={head}" for f in top["feature"]])
+    st.caption(f"{data.run_label(r._asdict())} · {r.run_id}: features ranked by the share of their decoder norm on {head}")
+    st.dataframe(top, hide_index=True, width="stretch",
+                 column_config={"open": st.column_config.LinkColumn("open", display_text="open")})
