@@ -123,6 +123,15 @@ def restore_checkpoint(trainer, path: Path) -> None:
         setattr(trainer, key, state[key])
 
 
+def training_mean(cache: ActivationCache, train_prompts: range) -> torch.Tensor:
+    """Mean hook_z over the first shard's training rows. hook_z is far from centred: on the embedded
+    model's layer 15 (top-k 24, 2,304 features, 300k tokens) a decoder bias started at zero left 93%
+    of features silent on held-out tokens, started at the mean 59% (19% with lr 1e-3)."""
+    shard = cache.shard(0)
+    keep = (shard["prompt"] >= train_prompts.start) & (shard["prompt"] < train_prompts.stop)
+    return shard["z"][keep].mean(0)
+
+
 def train_sae(cache: ActivationCache, train_prompts: range, params: "SAETrainParams", d_sae: int,
               checkpoint_dir: Path | None = None):
     """Train with SAELens's SAETrainer on shuffled cached batches; resumes from `checkpoint_dir` if it holds one."""
@@ -130,6 +139,8 @@ def train_sae(cache: ActivationCache, train_prompts: range, params: "SAETrainPar
 
     torch.manual_seed(params.seed)
     sae = make_sae(params.architecture, cache.d_in, d_sae, params.sparsity_coefficient, params.k)
+    if params.b_dec_init == "mean":
+        sae.b_dec.data = training_mean(cache, train_prompts)
     cfg = SAETrainerConfig(total_training_samples=params.n_tokens, train_batch_size_samples=params.batch_size,
                            lr=params.lr, lr_end=params.lr, n_checkpoints=params.n_checkpoints if checkpoint_dir else 0,
                            logger=LoggingConfig(log_to_wandb=False))
@@ -154,7 +165,8 @@ class SAETrainParams:
     k: int | None = None  # topk only (default 32)
     n_tokens: int = 200_000
     batch_size: int = 1024
-    lr: float = 3e-4
+    lr: float = 1e-3
+    b_dec_init: str = "mean"  # "mean" of the training activations, or "zeros" (SAELens's own init)
     seed: int = 0
     eval_prompts: int = 32  # the task's last prompts, held out of training
     n_checkpoints: int = 4
@@ -172,6 +184,8 @@ def check_params(params: SAETrainParams, model, task) -> SAETrainParams:
         raise WorkbenchError(f"k applies to topk SAEs only; a {arch} SAE sets sparsity with sparsity_coefficient")
     if not 0 <= params.layer < model.n_layers:
         raise WorkbenchError(f"layer {params.layer} is outside the model (0..{model.n_layers - 1})")
+    if params.b_dec_init not in ("mean", "zeros"):
+        raise WorkbenchError(f"b_dec_init must be 'mean' or 'zeros', not '{params.b_dec_init}'")
     if params.expansion_factor < 1 or params.batch_size < 1 or params.n_tokens < params.batch_size:
         raise WorkbenchError("expansion_factor must be >= 1 and n_tokens >= batch_size >= 1")
     if not 1 <= params.eval_prompts < len(task):

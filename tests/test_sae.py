@@ -167,10 +167,11 @@ def test_top_examples_histograms_and_logit_effects_match_a_direct_computation(to
     assert torch.equal(t["activation_histogram"].sum(-1), (acts > 0).sum(0).float())
     # the example token sits at offset 12 of its window, with the feature's activation there
     f = int(t["example_max"][:, 0].argmax())
-    row = int(top.indices[0, f])
-    assert int(t["example_prompt"][f, 0]) == int(data["prompt"][row]) < task_count
-    assert t["example_acts"][f, 0, 12] == pytest.approx(float(top.values[0, f]), abs=1e-5)
-    assert int(t["example_tokens"][f, 0, 12]) == int(data["token"][row])
+    prompt, position = int(t["example_prompt"][f, 0]), int(t["example_position"][f, 0])
+    row = int(torch.nonzero((data["prompt"] == prompt) & (data["position"] == position))[0, 0])
+    assert prompt < task_count and float(acts[row, f]) == pytest.approx(float(t["example_max"][f, 0]), abs=1e-5)
+    assert t["example_acts"][f, 0, 12] == pytest.approx(float(t["example_max"][f, 0]), abs=1e-5)
+    assert t["example_tokens"][f, 0].tolist()[: 12 + 1][-min(12, position) - 1:] == data["token"][row - min(12, position): row + 1].tolist()
     direction = torch.einsum("hd,hdm->m", sae.W_dec[f].view(toy.n_heads, toy.d_head), toy.tl.W_O[1])
     logits = (direction @ toy.tl.W_U).detach()
     assert t["logit_top_ids"][f].tolist() == logits.topk(10).indices.tolist()

@@ -18,6 +18,7 @@ from workbench.errors import WorkbenchError
 SCORE_COLUMNS = ["component", "layer", "head", "position", "metric", "value"]
 COMPONENTS = {"model", "head", "mlp", "resid", "attn", "embed", "bias", "sae_feature", "edge"}
 SCHEMA_VERSION = 1
+INTEGER_EXTRAS = ("feature", "prompt", "dst")  # extra columns that index things: never floats
 
 
 def head_name(layer: int, head: int) -> str:
@@ -33,6 +34,9 @@ def normalize_scores(frame: pd.DataFrame) -> pd.DataFrame:
     out = frame.copy()
     for col in ("layer", "head", "position"):
         out[col] = pd.array(out[col] if col in out else [None] * len(out), dtype="Int64")
+    for col in INTEGER_EXTRAS:
+        if col in out:
+            out[col] = pd.array(out[col], dtype="Int64")
     out["component"] = out["component"].astype(str)
     out["metric"] = out["metric"].astype(str)
     out["value"] = out["value"].astype("float64")
