@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -172,22 +172,30 @@ class SAETrainParams:
     n_checkpoints: int = 4
     n_top_examples: int = 8
 
+    def __post_init__(self):
+        """Checks that need no model, so a bad job file fails before anything runs; fills the
+        architecture's sparsity default (the store keys on the filled value)."""
+        arch = self.architecture
+        if arch not in ARCHITECTURES:
+            raise WorkbenchError(f"unknown architecture '{arch}'; choose one of {', '.join(ARCHITECTURES)}")
+        if arch == "topk" and self.sparsity_coefficient is not None:
+            raise WorkbenchError("topk SAEs set sparsity with k, not sparsity_coefficient; drop sparsity_coefficient")
+        if arch != "topk" and self.k is not None:
+            raise WorkbenchError(f"k applies to topk SAEs only; a {arch} SAE sets sparsity with sparsity_coefficient")
+        if self.b_dec_init not in ("mean", "zeros"):
+            raise WorkbenchError(f"b_dec_init must be 'mean' or 'zeros', not '{self.b_dec_init}'")
+        if self.expansion_factor < 1 or self.batch_size < 1 or self.n_tokens < self.batch_size:
+            raise WorkbenchError("expansion_factor must be >= 1 and n_tokens >= batch_size >= 1")
+        if arch == "topk" and self.k is None:
+            self.k = 32
+        if arch != "topk" and self.sparsity_coefficient is None:
+            self.sparsity_coefficient = DEFAULT_SPARSITY[arch]
 
-def check_params(params: SAETrainParams, model, task) -> SAETrainParams:
-    """Refuse what cannot be honoured; fill architecture-specific defaults."""
-    arch = params.architecture
-    if arch not in ARCHITECTURES:
-        raise WorkbenchError(f"unknown architecture '{arch}'; choose one of {', '.join(ARCHITECTURES)}")
-    if arch == "topk" and params.sparsity_coefficient is not None:
-        raise WorkbenchError("topk SAEs set sparsity with k, not sparsity_coefficient; drop sparsity_coefficient")
-    if arch != "topk" and params.k is not None:
-        raise WorkbenchError(f"k applies to topk SAEs only; a {arch} SAE sets sparsity with sparsity_coefficient")
+
+def check_params(params: SAETrainParams, model, task) -> None:
+    """Refuse what the model or task cannot honour (the parameters alone are checked when parsed)."""
     if not 0 <= params.layer < model.n_layers:
         raise WorkbenchError(f"layer {params.layer} is outside the model (0..{model.n_layers - 1})")
-    if params.b_dec_init not in ("mean", "zeros"):
-        raise WorkbenchError(f"b_dec_init must be 'mean' or 'zeros', not '{params.b_dec_init}'")
-    if params.expansion_factor < 1 or params.batch_size < 1 or params.n_tokens < params.batch_size:
-        raise WorkbenchError("expansion_factor must be >= 1 and n_tokens >= batch_size >= 1")
     if not 1 <= params.eval_prompts < len(task):
         raise WorkbenchError(f"eval_prompts = {params.eval_prompts} must be between 1 and the task's prompt count - 1 "
                              f"({len(task) - 1}); the rest are for training")
@@ -195,17 +203,13 @@ def check_params(params: SAETrainParams, model, task) -> SAETrainParams:
     if train_tokens < params.batch_size:
         raise WorkbenchError(f"the corpus is too small: {train_tokens} training tokens, fewer than one batch of "
                              f"{params.batch_size}; raise the task's n_prompts or seq_len, or lower batch_size")
-    if arch == "topk":
-        return replace(params, k=params.k or 32)
-    return replace(params, sparsity_coefficient=DEFAULT_SPARSITY[arch] if params.sparsity_coefficient is None
-                   else params.sparsity_coefficient)
 
 
 @register("sae.train", SAETrainParams,
           "train an attention-output SAE on one layer's hook_z from the activation cache (SAELens trainer), "
           "evaluate it and find its features' top examples", version=2, uses_store=True)
 def sae_train(model, task, params: SAETrainParams, ctx) -> Result:
-    params = check_params(params, model, task)
+    check_params(params, model, task)
     cache = cache_activations(ctx.store, model, task, params.layer)
     n_train = len(task) - params.eval_prompts
     checkpoints = ctx.store.root / "checkpoints" / ctx.key

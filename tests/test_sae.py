@@ -12,6 +12,7 @@ from sae.activations import batches, cache_activations, find_cache
 from sae.features import head_roles
 from sae.saes import head_attribution, load_sae
 from workbench.errors import WorkbenchError
+from workbench.jobs import parse_job
 from workbench.models import from_hooked_transformer
 from workbench.runner import run_method
 from workbench.store import Store
@@ -240,6 +241,10 @@ def test_bad_sae_input_is_refused_and_writes_nothing(toy_and_task, tmp_path, sta
             run_method(toy, task, "sae.train", {**BASE, **params}, store)
     with pytest.raises(WorkbenchError, match="give sae"):
         run_method(toy, task, "sae.dfa", {}, store)
+    # parameter-only mistakes fail when a job file is read, before any run of it computes
+    job = {"run": [{"model": "smollm2-135m", "task": "corpus", "method": "sae.train", "params": {"k": 8}}]}
+    with pytest.raises(WorkbenchError, match="k applies to topk"):
+        parse_job(job)
     assert not store.root.exists() or (store.catalog().empty and not (store.root / "activations").exists())
 
 
