@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--head", default="L23H3")
+    parser.add_argument("--sae-head", default="L15H4", help="head whose top features the features page opens on")
     parser.add_argument("--screenshots", type=Path, default=None)
     args = parser.parse_args()
     store = Store(args.store)
@@ -81,9 +82,12 @@ def main() -> None:
         bare = bare_page_seconds(b, args.repeats)
         bare_warm = statistics.median(bare[1:]) if len(bare) > 1 else bare[0]
         print(f"{'reference (bare page)':>22}: first render {bare[0]:.2f} s, {bare_warm:.2f} s (median of the rest)")
-        for name, path, text in (("head atlas", "/atlas", "Every stored metric per head"),
-                                 (f"head page {args.head}", f"/head?model={quote(model, safe='')}&head={args.head}",
-                                  f"{args.head} of {model}")):
+        pages = [("head atlas", "/atlas", "Every stored metric per head"),
+                 (f"head page {args.head}", f"/head?model={quote(model, safe='')}&head={args.head}", f"{args.head} of {model}")]
+        if runs["method"].isin(["sae.train", "sae.load"]).any():
+            pages.append(("features page", f"/features?model={quote(model, safe='')}&head={args.sae_head}",
+                          "Top-activating examples"))
+        for name, path, text in pages:
             times = []
             for i in range(args.repeats):
                 page, seconds = render(b, url + path, text, HEATMAP)

@@ -6,11 +6,7 @@ feature's activation on each context token, so a page can highlight them), and i
 on the logits: the decoder vector written through each head's W_O and the unembedding (the final
 norm's weight is folded into W_U; its per-token scale is left out, as in direct logit attribution).
 
-Per head: its features ranked by head attribution, and whether it is polysemantic. Kissane et al.
-judged that by hand (do a head's top features fall into more than one family?); here a proxy
-decides it: among the head's live features with at least `MIN_ATTRIBUTION` of their decoder norm
-on the head (its top 10), features whose decoder slices in that head point the same way
-(cosine >= `SAME_ROLE_COSINE`) count as one role, and a head with two or more roles is polysemantic.
+Per head: whether it is polysemantic by the paper's feature families (`sae.families`).
 """
 
 from __future__ import annotations
@@ -23,11 +19,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sae.activations import ActivationCache
+from sae.families import head_families
+from sae.saes import head_attribution
 
 HIST_EDGES = torch.linspace(-4, 2, 49)  # log10 activation bins
 CONTEXT_BEFORE, CONTEXT_AFTER = 12, 3
 N_LOGITS = 10
-MIN_ATTRIBUTION, SAME_ROLE_COSINE, TOP_PER_HEAD = 0.2, 0.5, 10
 CHUNK = 4096
 
 
@@ -67,39 +64,6 @@ def logit_effects(sae, model, layer: int, n: int = N_LOGITS) -> dict[str, Tensor
             "logit_bottom_ids": torch.cat(bot_i).int(), "logit_bottom_values": torch.cat(bot_v)}
 
 
-def head_roles(w_dec: Tensor, attribution: Tensor, live: Tensor, n_heads: int) -> pd.DataFrame:
-    """Per head: its top features by attribution, how many distinct roles they play, polysemantic or not."""
-    slices = w_dec.view(w_dec.shape[0], n_heads, -1)
-    rows = []
-    for h in range(n_heads):
-        score = torch.where(live & (attribution[:, h] >= MIN_ATTRIBUTION), attribution[:, h], torch.tensor(-1.0))
-        top = score.topk(min(TOP_PER_HEAD, len(score))).indices
-        top = top[score[top] > 0]
-        dirs = torch.nn.functional.normalize(slices[top, h], dim=-1)
-        same = (dirs @ dirs.T) >= SAME_ROLE_COSINE
-        roles = _components(same)
-        rows += [{"head": h, "metric": "sae_head_features", "value": float(len(top))},
-                 {"head": h, "metric": "sae_head_roles", "value": float(roles)},
-                 {"head": h, "metric": "sae_polysemantic", "value": float(roles >= 2)}]
-    return pd.DataFrame(rows)
-
-
-def _components(adjacent: Tensor) -> int:
-    n = len(adjacent)
-    seen, count = set(), 0
-    for start in range(n):
-        if start in seen:
-            continue
-        count += 1
-        todo = [start]
-        while todo:
-            i = todo.pop()
-            if i not in seen:
-                seen.add(i)
-                todo += [j for j in range(n) if adjacent[i, j] and j not in seen]
-    return count
-
-
 @torch.no_grad()
 def feature_pass(sae, model, cache: ActivationCache, prompts: range, n_top: int) -> FeaturePass:
     """Frequencies, histograms, top examples in context and logit effects of every feature over the cache."""
@@ -128,8 +92,6 @@ def feature_pass(sae, model, cache: ActivationCache, prompts: range, n_top: int)
     ex_rows, ex_tokens, ex_acts = _contexts(sae, z, data, top_i)
     effects = logit_effects(sae, model, cache_layer(cache))
     w_dec = sae.W_dec.detach().float().cpu()
-    from sae.saes import head_attribution
-
     attribution = head_attribution(w_dec, model.n_heads)
     frequency = fired / len(z)
     feats = torch.arange(d_sae).numpy()
@@ -137,13 +99,12 @@ def feature_pass(sae, model, cache: ActivationCache, prompts: range, n_top: int)
     frames = [pd.DataFrame({"component": "sae_feature", "layer": layer, "feature": feats, "metric": metric, "value": values.numpy()})
               for metric, values in (("feature_frequency", frequency), ("feature_mean_activation", act_sum / fired.clamp(min=1)),
                                      ("feature_max_activation", top_v[:, 0] if top_v.shape[1] else torch.zeros(d_sae)))]
-    roles = head_roles(w_dec, attribution, fired > 0, model.n_heads).assign(component="head", layer=layer)
-    share = roles[roles.metric == "sae_polysemantic"]
-    counted = roles[(roles.metric == "sae_head_features")]["value"].to_numpy() > 0
-    frames += [roles, pd.DataFrame({"component": "model", "layer": [layer, layer],
-                                    "metric": ["sae_polysemantic_head_share", "sae_feature_pass_tokens"],
-                                    "value": [float(share["value"].to_numpy()[counted].mean()) if counted.any() else float("nan"),
-                                              float(len(z))]})]
+    families = head_families(sae, model, layer, data, ex_rows, attribution, fired > 0)
+    per_head = families[families["component"] == "head"].pivot_table(index="head", columns="metric", values="value")
+    judged = per_head[per_head["sae_head_families"] > 0]["sae_polysemantic"]  # heads with a top feature in a family
+    frames += [families, pd.DataFrame({"component": "model", "layer": [layer, layer],
+                                       "metric": ["sae_polysemantic_head_share", "sae_feature_pass_tokens"],
+                                       "value": [float(judged.mean()) if len(judged) else float("nan"), float(len(z))]})]
     tensors = {"activation_histogram": hist.view(d_sae, n_bins), "histogram_edges": HIST_EDGES.clone(),
                "example_prompt": torch.where(ex_rows >= 0, data["prompt"][ex_rows.clamp(min=0)], -1).int(),
                "example_position": torch.where(ex_rows >= 0, data["position"][ex_rows.clamp(min=0)], -1).int(),

@@ -9,7 +9,7 @@ import torch
 from conftest import make_toy_tl
 from sae import activations, training
 from sae.activations import batches, cache_activations, find_cache
-from sae.features import head_roles
+from sae.families import classify, head_families
 from sae.saes import head_attribution, load_sae
 from workbench.errors import WorkbenchError
 from workbench.jobs import parse_job
@@ -142,17 +142,41 @@ def test_head_attribution_of_a_feature_living_in_one_head_is_one_hot():
     assert torch.allclose(a[0], torch.tensor([0.0, 1.0, 0.0])) and torch.allclose(a[1], torch.full((3,), 1 / 3))
 
 
-def test_a_head_whose_features_write_different_directions_is_polysemantic():
-    # head 0: two features writing orthogonal directions (two roles); head 1: two writing the same one
-    w_dec = torch.zeros(4, 2 * 2)
-    w_dec[0, 0], w_dec[1, 1] = 1.0, 1.0
-    w_dec[2, 2], w_dec[3, 2] = 1.0, 2.0
-    roles = head_roles(w_dec, head_attribution(w_dec, 2), torch.ones(4, dtype=torch.bool), 2)
-    value = {(r.head, r.metric): r.value for r in roles.itertuples()}
-    assert value[(0, "sae_head_roles")] == 2 and value[(0, "sae_polysemantic")] == 1
-    assert value[(1, "sae_head_roles")] == 1 and value[(1, "sae_polysemantic")] == 0
-    dead = head_roles(w_dec, head_attribution(w_dec, 2), torch.tensor([True, False, True, True]), 2)
-    assert {(r.head, r.metric): r.value for r in dead.itertuples()}[(0, "sae_polysemantic")] == 0
+def test_a_features_family_follows_where_its_head_reads_from():
+    tokens = [5, 7, 9, 3, 1, 2, 4, 6, 8, 10, 11, 5]  # the last token (5) occurred at 0, so source 1 is the induction one
+    at = lambda *mass: torch.tensor([mass[i] if i < len(mass) else 0.0 for i in range(len(tokens))])
+    assert classify(at(0, 1.0), tokens)[0] == "induction"
+    assert classify(at(*[0] * 10, 1.0), tokens)[:2] == ("local", 0.0)  # the previous token
+    assert classify(at(0, 0, 0, 0, 1.0), tokens)[0] == "long_range"
+    family, induction, local = classify(at(0, 1.0, 0, 0, 1.0, 0, 0, 0, 0, 0, 1.0), tokens)
+    assert family == "mixed" and induction == pytest.approx(1 / 3) and local == pytest.approx(1 / 3)
+    assert classify(-at(0, 1.0), tokens)[0] == "none"
+
+
+def test_a_head_with_induction_and_long_range_features_is_polysemantic():
+    from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
+
+    from toy_circuits import make_induction_toy
+
+    model = from_hooked_transformer(make_induction_toy(), "wired")
+    d_head = model.d_head
+    sae = StandardSAE(StandardSAEConfig(d_in=2 * d_head, d_sae=2))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.zero_()
+        sae.W_enc[:d_head] = 1.0  # both features read the induction head L1H0's whole output
+        sae.W_dec[:, :d_head] = 1.0
+    repeated, fresh = [3, 8, 12, 20, 30, 3], list(range(1, 21))  # L1H0 finds the earlier 3; on fresh tokens it finds nothing
+    data = {"token": torch.tensor(repeated + fresh), "prompt": torch.tensor([0] * 6 + [1] * 20),
+            "position": torch.tensor(list(range(6)) + list(range(20)))}
+    example_rows = torch.tensor([[5], [25]])  # feature 0's top example: the repeat; feature 1's: the last fresh token
+    attribution = head_attribution(sae.W_dec, 2)
+    frame = head_families(sae, model, 1, data, example_rows, attribution, torch.ones(2, dtype=torch.bool))
+    family = frame.dropna(subset=["family"]).drop_duplicates("feature").set_index("feature")["family"]
+    assert family[0] == "induction" and family[1] == "long_range"
+    per_head = {(r.head, r.metric): r.value for r in frame[frame["component"] == "head"].itertuples()}
+    assert per_head[(0, "sae_head_families")] == 2 and per_head[(0, "sae_polysemantic")] == 1
+    assert per_head[(1, "sae_head_features")] == 0 and per_head[(1, "sae_polysemantic")] == 0
 
 
 def test_top_examples_histograms_and_logit_effects_match_a_direct_computation(toy_and_task, sae_store, standard):
