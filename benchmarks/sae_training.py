@@ -64,7 +64,7 @@ def main() -> None:
         sae=TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=args.k), model_name="smollm2-135m",
         hook_name=f"blocks.{args.layer}.attn.hook_z", dataset_path="in-memory", is_dataset_tokenized=True, streaming=False,
         context_size=128, prepend_bos=False, training_tokens=args.saelens_tokens, train_batch_size_tokens=args.batch,
-        store_batch_size_prompts=8, n_batches_in_buffer=4, lr=1e-3, lr_end=1e-3, logger=LoggingConfig(log_to_wandb=False),
+        store_batch_size_prompts=8, n_batches_in_buffer=16, lr=1e-3, lr_end=1e-3, logger=LoggingConfig(log_to_wandb=False),
         checkpoint_path=None, output_path=None, n_batches_for_norm_estimate=10, device="cpu", verbose=False)
     runner = LanguageModelSAETrainingRunner(cfg, override_dataset=Dataset.from_dict({"input_ids": windows}),
                                             override_model=model.tl)

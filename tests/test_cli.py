@@ -129,7 +129,7 @@ def test_demo_computes_then_finds_everything_in_the_store(embedded_store):
     store = embedded_store
     first = wb("demo", "--no-serve", store=store)
     assert first.returncode == 0, first.stderr
-    assert "ioi: mean logit diff clean" in first.stdout
+    assert "ioi: mean logit diff clean" in first.stdout and "corpus sae.train: layer 15, 2304 features, L0 24.0" in first.stdout
     second = wb("demo", "--no-serve", store=store)
     assert second.returncode == 0 and " computed " not in second.stdout and " cached " in second.stdout
     # the dashboard the demo ends with shows its results: the head atlas joins them per head
@@ -138,7 +138,8 @@ def test_demo_computes_then_finds_everything_in_the_store(embedded_store):
     table = head_table(head_metrics(Store(store), done_runs(Store(store))))
     assert len(table) == 30 * 9
     metrics = {c.split(" · ")[0] for c in table.columns}
-    assert {"patch_logit_diff", "dla", "induction_score", "sink_alpha", "retrieval_score", "attn_distance_mean"} <= metrics
+    assert {"patch_logit_diff", "dla", "induction_score", "sink_alpha", "retrieval_score", "attn_distance_mean",
+            "sae_polysemantic"} <= metrics
 
 
 def test_hub_model_offline_is_one_clear_error(tmp_path):

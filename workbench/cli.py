@@ -197,6 +197,10 @@ def _summary(result, task: str, method: str) -> str | None:
     if method == "logit_diff":
         return (f"{task}: mean logit diff clean {result.value('logit_diff_clean_mean'):.3f}, "
                 f"corrupted {result.value('logit_diff_corrupted_mean'):.3f}")
+    if method == "sae.train":
+        return (f"{task} sae.train: layer {result.meta['layer']}, {result.meta['d_sae']} features, L0 {result.value('sae_l0'):.1f}, "
+                f"explained variance {result.value('sae_explained_variance'):.2f}, "
+                f"KL recovered {result.value('kl_recovered'):.1%} (held-out windows)")
     heads = scores[(scores["component"] == "head") & scores["metric"].isin(["patch_logit_diff", "dla"])]
     if "prompt" in heads:
         heads = heads[heads["prompt"].isna()]
