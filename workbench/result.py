@@ -18,7 +18,7 @@ from workbench.errors import WorkbenchError
 SCORE_COLUMNS = ["component", "layer", "head", "position", "metric", "value"]
 COMPONENTS = {"model", "head", "mlp", "resid", "attn", "embed", "bias", "sae_feature", "edge"}
 SCHEMA_VERSION = 1
-INTEGER_EXTRAS = ("feature", "prompt", "dst")  # extra columns that index things: never floats
+INTEGER_EXTRAS = ("feature", "prompt")  # extra columns that index things: never floats
 
 
 def head_name(layer: int, head: int) -> str:
