@@ -13,7 +13,7 @@ writes at the destination (`dfa_head`, summed over sources) and where it read th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
