@@ -89,7 +89,8 @@ def feature_pass(sae, model, cache: ActivationCache, prompts: range, n_top: int)
         keep = top_v.topk(min(n_top, top_v.shape[1]), dim=1)
         top_v, top_i = keep.values, top_i.gather(1, keep.indices)
     top_i = torch.where(top_v > 0, top_i, torch.full_like(top_i, -1))
-    ex_rows, ex_tokens, ex_acts = _contexts(sae, z, data, top_i)
+    ex_rows = top_i
+    ex_tokens, ex_acts = _contexts(sae, z, data, top_i)
     effects = logit_effects(sae, model, cache_layer(cache))
     w_dec = sae.W_dec.detach().float().cpu()
     attribution = head_attribution(w_dec, model.n_heads)
@@ -119,8 +120,8 @@ def cache_layer(cache: ActivationCache) -> int:
 
 @torch.no_grad()
 def _contexts(sae, z: Tensor, data: dict[str, Tensor], top_i: Tensor):
-    """Context windows around each top example: row index of the example token, the window's token
-    ids (-1 outside the prompt) and the feature's activation on each window token."""
+    """Context windows around each top example: the window's token ids (-1 outside the prompt) and
+    the feature's activation on each window token."""
     d_sae, n_top = top_i.shape
     offsets = torch.arange(-CONTEXT_BEFORE, CONTEXT_AFTER + 1)
     rows = top_i[..., None] + offsets  # [d_sae, n_top, window]
@@ -138,4 +139,4 @@ def _contexts(sae, z: Tensor, data: dict[str, Tensor], top_i: Tensor):
         block_acts = acts[block]
         block_acts[inside[block]] = values[where, feat]
         acts[block] = block_acts
-    return top_i, tokens, acts
+    return tokens, acts
