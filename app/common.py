@@ -50,7 +50,7 @@ def head_metrics(root: str, run_ids: tuple[str, ...]) -> pd.DataFrame:
 def run_tensor(root: str, run_id: str, name: str):
     """One stored tensor as a numpy array (cached: patterns are read on every rerun otherwise)."""
     s = Store(root)
-    return s.get(run_id).tensors[name].numpy()
+    return s.tensors(run_id, [name], framework="np")[name]
 
 
 def start_page(root) -> None:

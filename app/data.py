@@ -7,7 +7,9 @@ import json
 
 import pandas as pd
 
-from workbench.result import head_name
+from workbench.errors import WorkbenchError
+from workbench.methods import Outputs, get_method
+from workbench.nodes import head_name
 from workbench.store import Store
 
 
@@ -18,16 +20,38 @@ def done_runs(store: Store, model: str | None = None) -> pd.DataFrame:
 
 def run_scores(store: Store, run_id: str) -> pd.DataFrame:
     """A run's score frame, read from Parquet alone (no tensors)."""
-    return pd.read_parquet(store.run_dir(store.resolve(run_id)) / "scores.parquet")
+    return store.scores(run_id)
+
+
+def declared(method: str, params: str) -> Outputs | None:
+    """What a stored run's method declares it wrote (None for a method this install lacks)."""
+    try:
+        return get_method(method).declared(json.loads(params) if params else {})
+    except WorkbenchError:
+        return None
+
+
+def runs_declaring(runs: pd.DataFrame, test) -> pd.DataFrame:
+    """The runs whose declared outputs pass `test(outputs)`."""
+    keep = [(d := declared(r.method, r.params)) is not None and bool(test(d)) for r in runs.itertuples()]
+    return runs[keep] if len(runs) else runs
+
+
+def with_tensor(runs: pd.DataFrame, name: str) -> pd.DataFrame:
+    return runs_declaring(runs, lambda d: name in d.tensors)
+
+
+def metrics_where(outputs: Outputs, test) -> list[str]:
+    return [m.name for m in outputs.metrics if test(m)]
 
 
 def _defaults(kind: str, name: str) -> dict:
     from workbench.methods import all_methods
-    from workbench.params import to_dict
+    from workbench.params import defaults
     from workbench.tasks import TASKS
 
     registry = {n: m.params for n, m in all_methods().items()} if kind == "method" else {n: g.params for n, g in TASKS.items()}
-    return to_dict(registry[name]()) if name in registry else {}
+    return defaults(registry[name]) if name in registry else {}
 
 
 def _params_text(kind: str, name: str, params: str) -> str:
@@ -44,15 +68,14 @@ def run_label(run: pd.Series) -> str:
     return f"{run['task']}{f' ({task_params})' if task_params else ''} / {run['method']}{f' ({params})' if params else ''}"
 
 
-def head_rows(scores: pd.DataFrame) -> pd.DataFrame:
-    """The per-head scalars of a score frame: one value per (layer, head, metric); rows per
-    position or per prompt are left out (they are views of their own, not map cells)."""
-    rows = scores[(scores["component"] == "head") & scores["position"].isna()]
+def head_rows(scores: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """The rows of declared per-head metrics: one value per (layer, head, metric). Rows per prompt
+    (a decomposition's per-prompt terms) and key/value-head rows are left out of the map."""
+    rows = scores[(scores["component"] == "head") & scores["metric"].isin(metrics)]
     if "prompt" in rows:
         rows = rows[rows["prompt"].isna()]
     if "head_kind" in rows:
         rows = rows[rows["head_kind"].fillna("query") == "query"]
-    rows = rows[rows["layer"].notna() & rows["head"].notna() & ~rows["metric"].str.endswith("_raw")]
     return rows.groupby(["layer", "head", "metric"], as_index=False)["value"].mean()
 
 
@@ -60,14 +83,18 @@ def head_metrics(store: Store, runs: pd.DataFrame) -> pd.DataFrame:
     """Long frame over runs: run_id, task, method, metric, label, layer, head, name, value."""
     parts = []
     for run in runs.itertuples():
-        rows = head_rows(run_scores(store, run.run_id))
-        if rows.empty:
+        outputs = declared(run.method, run.params)
+        metrics = metrics_where(outputs, lambda m: m.per_head) if outputs else []
+        if not metrics:
             continue
+        rows = head_rows(run_scores(store, run.run_id), metrics)
+        roles = {m.name: m.role for m in outputs.metrics}
         series = pd.Series(run._asdict())
-        rows = rows.assign(run_id=run.run_id, task=run.task, method=run.method, run=run_label(series))
+        rows = rows.assign(run_id=run.run_id, task=run.task, method=run.method, run=run_label(series),
+                           role=rows["metric"].map(roles))
         parts.append(rows)
     if not parts:
-        return pd.DataFrame(columns=["run_id", "task", "method", "run", "metric", "label", "layer", "head", "name", "value"])
+        return pd.DataFrame(columns=["run_id", "task", "method", "run", "metric", "role", "label", "layer", "head", "name", "value"])
     long = pd.concat(parts, ignore_index=True)
     long["label"] = long["metric"] + " · " + long["run"]
     long["layer"], long["head"] = long["layer"].astype(int), long["head"].astype(int)
@@ -90,7 +117,7 @@ def grid(long: pd.DataFrame, label: str, n_layers: int, n_heads: int) -> pd.Data
 
 
 def run_meta(store: Store, run_id: str) -> dict:
-    return json.loads((store.run_dir(store.resolve(run_id)) / "meta.json").read_text())
+    return store.meta(run_id)
 
 
 def model_shape(store: Store, runs: pd.DataFrame, long: pd.DataFrame) -> tuple[int, int]:
@@ -105,22 +132,52 @@ def model_shape(store: Store, runs: pd.DataFrame, long: pd.DataFrame) -> tuple[i
     return int(long["layer"].max()) + 1, int(long["head"].max()) + 1
 
 
-SAE_METHODS = ("sae.train", "sae.load")
-
-
 def sae_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """The stored SAEs among `runs`."""
-    return runs[runs["method"].isin(SAE_METHODS)]
+    """The stored SAEs among `runs` (methods declaring an SAE artifact)."""
+    return runs_declaring(runs, lambda d: d.artifact == "sae")
 
 
 def run_tensors(store: Store, run_id: str, names: list[str]) -> dict:
     """Only the named tensors of a run, as numpy (an SAE's weights are not read to draw one feature)."""
-    from safetensors import safe_open
+    return store.tensors(run_id, names, framework="np")
 
-    path = store.run_dir(store.resolve(run_id)) / "tensors.safetensors"
-    with safe_open(str(path), framework="np") as f:
-        present = set(f.keys())
-        return {n: f.get_tensor(n) for n in names if n in present}
+
+def node_effects(store: Store, runs: pd.DataFrame, component: str) -> pd.DataFrame:
+    """Per-layer effects of `component` nodes (MLPs) from runs declaring such an effect over all positions."""
+    parts = []
+    for r in runs.itertuples():
+        outputs = declared(r.method, r.params)
+        names = metrics_where(outputs, lambda m: m.role == "effect" and m.components == (component,)
+                              and m.index == ("layer",)) if outputs else []
+        if names:
+            frame = run_scores(store, r.run_id)
+            parts.append(frame[(frame["component"] == component) & frame["metric"].isin(names)])
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["layer", "value"])
+
+
+def edge_effects(store: Store, runs: pd.DataFrame) -> pd.DataFrame:
+    """Stored edge effects (src, dst, dst_input, value) of runs declaring edge effects."""
+    parts = []
+    for r in runs.itertuples():
+        outputs = declared(r.method, r.params)
+        names = metrics_where(outputs, lambda m: m.role == "effect" and m.components == ("edge",)) if outputs else []
+        if names:
+            frame = run_scores(store, r.run_id)
+            parts.append(frame[frame["metric"].isin(names)][["src", "dst", "dst_input", "value"]])
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["src", "dst", "dst_input", "value"])
+
+
+def source_rows(store: Store, runs: pd.DataFrame, layer: int, head: int) -> pd.DataFrame:
+    """A head's per-source-position rows (declared index layer, head, prompt, src_position), with the task."""
+    parts = []
+    for r in runs.itertuples():
+        outputs = declared(r.method, r.params)
+        names = metrics_where(outputs, lambda m: m.index == ("layer", "head", "prompt", "src_position")) if outputs else []
+        if names:
+            frame = run_scores(store, r.run_id)
+            frame = frame[frame["metric"].isin(names) & (frame["layer"] == layer) & (frame["head"] == head)]
+            parts.append(frame.assign(task=r.task))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
 def feature_examples(tensors: dict, token_strings: dict[str, str], feature: int) -> list[dict]:

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from workbench.result import head_name
+from workbench.nodes import head_name
 
 
 def head_heatmap(grid: pd.DataFrame, title: str, subtitle: str = "") -> go.Figure:

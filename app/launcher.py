@@ -14,6 +14,7 @@ from pathlib import Path
 
 from workbench.errors import WorkbenchError
 from workbench.jobs import parse_job
+from workbench.store import Store
 
 WORKBENCH = str(Path(sys.executable).parent / "workbench")
 
@@ -31,12 +32,11 @@ def validate(text: str) -> None:
     parse_job(doc, source="the form")
 
 
-def launch(root: Path, text: str) -> Path:
-    jobs = root / "jobs"
-    jobs.mkdir(parents=True, exist_ok=True)
-    stem = jobs / time.strftime("%Y%m%d-%H%M%S")
-    job, log = stem.with_suffix(".toml"), stem.with_suffix(".log")
-    job.write_text(text)
+def launch(store: Store, text: str) -> Path:
+    root = store.root
+    job = store.write_job(time.strftime("%Y%m%d-%H%M%S") + ".toml", text)
+    stem = job.with_suffix("")
+    log = stem.with_suffix(".log")
     with open(log, "w") as out:
         proc = subprocess.Popen(["bash", "-c", '"$0" run "$1" --store "$2"; echo "[exit $?]"', WORKBENCH, str(job), str(root)],
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "COLUMNS": "100"})

@@ -9,7 +9,8 @@ import time
 
 import torch
 
-from workbench.models import SMOLLM2_GGUF, _smollm2_gguf, load_model
+from workbench.models import load_model
+from workbench.models.gguf import SMOLLM2_GGUF, smollm2_gguf
 
 
 def timed(fn):
@@ -24,7 +25,7 @@ def main():
     _, t_weights = timed(lambda: lazy.tl)
     from transformers import AutoModelForCausalLM
 
-    gguf = _smollm2_gguf()
+    gguf = smollm2_gguf()
     hf, t_ref = timed(lambda: AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=SMOLLM2_GGUF, dtype=torch.float32))
     ours = t_identity + t_weights
     print(f"workbench cache: identity+tokenizer {t_identity:.2f} s, weights {t_weights:.2f} s, total {ours:.2f} s")

@@ -64,10 +64,10 @@ def main():
     from circuits.attribution_patching import attribution_patch
 
     with torch.no_grad():
-        model(run.clean_tokens)
+        model.tl(run.clean_tokens)
         start = time.perf_counter()
         for _ in range(3):
-            model(run.clean_tokens)
+            model.tl(run.clean_tokens)
         t_forward = (time.perf_counter() - start) / 3
     attribution_patch(model, task, ("z",))  # warm-up: first backward allocates
     start = time.perf_counter()

@@ -1,5 +1,8 @@
-"""Circuit-analysis methods; importing this package registers them with `workbench.methods`."""
+"""Circuit-analysis methods. Importing this package imports every module in it, and each module
+registers its methods with `workbench.methods`: a new method is a new file here and nothing else."""
 
-from circuits import (  # noqa: F401
-    attribution, attribution_patching, baseline, heads, patching_methods, path_patching, patterns, retrieval,
-)
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

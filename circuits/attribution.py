@@ -21,9 +21,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from workbench.errors import WorkbenchError
-from workbench.methods import register
+from workbench.methods import Metric, Outputs, register
+from workbench.nodes import check_head_names, parse_heads
+from workbench.params import require
 from workbench.result import Result
-from circuits.heads_spec import parse_heads
 from circuits.patching import unembed_final
 
 
@@ -52,9 +53,12 @@ def frozen_final_norm(model, x: Float[Tensor, "batch ... d_model"], scale: Float
     return x
 
 
-@dataclass
+@dataclass(frozen=True)
 class DLAParams:
     batch_size: int = 16
+
+    def __post_init__(self):
+        require(self.batch_size >= 1, f"batch_size = {self.batch_size} must be at least 1")
 
 
 def _cache_names(model):
@@ -126,8 +130,17 @@ def dla_components(model, task, batch_size: int = 16) -> tuple[pd.DataFrame, Flo
     return frame, torch.cat(head_parts)
 
 
-@register("attribution.dla", DLAParams, "direct logit attribution of embeddings, heads, MLPs and biases to the logit difference")
-def dla(model, task, params: DLAParams) -> Result:
+DLA_OUTPUTS = Outputs((
+    Metric("dla", "direct contribution to logit(answer) - logit(wrong) through the frozen final norm; terms add up to "
+           "the logit difference (mean over prompts, and per prompt)", ("embed", "head", "mlp", "bias"),
+           ("layer", "head"), "score"),
+    Metric("logit_diff", "the model's logit difference the terms add up to", "model", (), "summary"),
+), tensors={"head_dla": ("prompt", "layer", "head")})
+
+
+@register("attribution.dla", DLAParams, "direct logit attribution of embeddings, heads, MLPs and biases to the logit difference",
+          DLA_OUTPUTS)
+def dla(model, task, params: DLAParams, ctx) -> Result:
     frame, heads = dla_components(model, task, params.batch_size)
     frame["metric"] = "dla"
     frame.loc[frame["term"] == "actual", "metric"] = "logit_diff"
@@ -138,10 +151,14 @@ def dla(model, task, params: DLAParams) -> Result:
     return Result(scores, {"head_dla": heads}, {"tensor_dims": {"head_dla": ["prompt", "layer", "head"]}})
 
 
-@dataclass
+@dataclass(frozen=True)
 class HeadSourcesParams:
     heads: list[str] | None = None
     batch_size: int = 16
+
+    def __post_init__(self):
+        check_head_names(self.heads)
+        require(self.batch_size >= 1, f"batch_size = {self.batch_size} must be at least 1")
 
 
 @torch.no_grad()
@@ -165,28 +182,41 @@ def head_source_attribution(model, task, heads: list[tuple[int, int]], batch_siz
             for i in range(len(tokens)):
                 for s in range(int(lengths[i])):
                     rows.append((sl.start + i, layer, h, s, float(contrib[i, s])))
-    return pd.DataFrame(rows, columns=["prompt", "layer", "head", "position", "value"])
+    return pd.DataFrame(rows, columns=["prompt", "layer", "head", "src_position", "value"])
 
 
-@register("attribution.head_sources", HeadSourcesParams, "per-source-position contribution of chosen heads to the logit difference")
-def head_sources(model, task, params: HeadSourcesParams) -> Result:
+@register("attribution.head_sources", HeadSourcesParams, "per-source-position contribution of chosen heads to the logit difference",
+          Outputs((Metric("dla_by_source", "a head's direct logit attribution at the final position, split by the source "
+                          "position it reads from", "head", ("layer", "head", "prompt", "src_position"), "detail"),)))
+def head_sources(model, task, params: HeadSourcesParams, ctx) -> Result:
     heads = parse_heads(model, params.heads)
     frame = head_source_attribution(model, task, heads, params.batch_size)
     frame["component"], frame["metric"] = "head", "dla_by_source"
     return Result(frame)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LogitLensParams:
     top_k: int = 5
     batch_size: int = 16
 
+    def __post_init__(self):
+        require(self.top_k >= 1, f"top_k = {self.top_k} must be at least 1")
+        require(self.batch_size >= 1, f"batch_size = {self.batch_size} must be at least 1")
 
-@register("attribution.logit_lens", LogitLensParams, "logit difference, answer prob/rank and top tokens read off the residual stream per layer")
+
+LENS = {"logit_lens_logit_diff": "logit(answer) - logit(wrong)", "logit_lens_answer_prob": "probability of the answer",
+        "logit_lens_answer_rank": "rank of the answer (0 = top)"}
+
+
+@register("attribution.logit_lens", LogitLensParams,
+          "logit difference, answer prob/rank and top tokens read off the residual stream per layer",
+          Outputs(tuple(Metric(name, f"{meaning} read off the residual stream at (layer, hook) through the final norm "
+                               "and unembedding (mean over prompts, and per prompt)", "resid", ("layer", "hook"), "score")
+                        for name, meaning in LENS.items()),
+                  tensors={"top_tokens": ("stage", "prompt", "k")}))
 @torch.no_grad()
-def logit_lens(model, task, params: LogitLensParams) -> Result:
-    if params.top_k < 1:
-        raise WorkbenchError("top_k must be at least 1")
+def logit_lens(model, task, params: LogitLensParams, ctx) -> Result:
     tl = model.tl
     n = model.n_layers
     names = {f"blocks.{layer}.hook_resid_pre" for layer in range(n)} | {f"blocks.{n - 1}.hook_resid_post"}
@@ -204,16 +234,18 @@ def logit_lens(model, task, params: LogitLensParams) -> Result:
         prob = probs[:, idx, a]
         rank = (logits > logits[:, idx, a][..., None]).sum(-1)
         tops.append(logits.topk(params.top_k, dim=-1).indices.cpu())
-        for layer in range(n + 1):
+        for stage in range(n + 1):
+            layer, hook = (stage, "resid_pre") if stage < n else (n - 1, "resid_post")
             for i in range(len(tokens)):
                 p = sl.start + i
-                rows += [("resid", layer, p, "logit_lens_logit_diff", float(diff[layer, i])),
-                         ("resid", layer, p, "logit_lens_answer_prob", float(prob[layer, i])),
-                         ("resid", layer, p, "logit_lens_answer_rank", float(rank[layer, i]))]
-    frame = pd.DataFrame(rows, columns=["component", "layer", "prompt", "metric", "value"])
-    mean = frame.groupby(["component", "layer", "metric"], sort=False)["value"].mean().reset_index()
+                rows += [("resid", layer, hook, p, "logit_lens_logit_diff", float(diff[stage, i])),
+                         ("resid", layer, hook, p, "logit_lens_answer_prob", float(prob[stage, i])),
+                         ("resid", layer, hook, p, "logit_lens_answer_rank", float(rank[stage, i]))]
+    frame = pd.DataFrame(rows, columns=["component", "layer", "hook", "prompt", "metric", "value"])
+    mean = frame.groupby(["component", "layer", "hook", "metric"], sort=False)["value"].mean().reset_index()
     mean["prompt"] = pd.NA
     scores = pd.concat([mean, frame], ignore_index=True)
     scores["prompt"] = scores["prompt"].astype("Int64")
-    return Result(scores, {"top_tokens": torch.cat(tops, 1)}, {"tensor_dims": {"top_tokens": ["layer", "prompt", "k"]},
-                                                              "layer_meaning": "resid_pre of layer l; l = n_layers is the final residual"})
+    return Result(scores, {"top_tokens": torch.cat(tops, 1)},
+                  {"tensor_dims": {"top_tokens": ["stage", "prompt", "k"]},
+                   "stage_meaning": "stage s < n_layers is resid_pre of layer s; stage n_layers is resid_post of the last layer"})

@@ -10,6 +10,7 @@ output is made to (a `hook_embed` hook) and gradients flow back to every hooked 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import pandas as pd
 import torch
@@ -17,7 +18,8 @@ from torch import Tensor
 
 from circuits.patching import ACTIVATIONS, METRICS, hook_name, metric_values, unembed_final
 from workbench.errors import WorkbenchError
-from workbench.methods import register
+from workbench.methods import Metric, Outputs, register
+from workbench.params import require
 from workbench.result import Result
 
 COMPONENT = {"resid_pre": "resid", "resid_mid": "resid", "resid_post": "resid", "attn_out": "attn", "mlp_out": "mlp"}
@@ -94,16 +96,31 @@ def attribution_patch(model, task, activations: tuple[str, ...] = ("z",), metric
     return out, clean_value.item(), corrupt_value
 
 
-@dataclass
+ATP_ACTIVATIONS = tuple(a for a in ACTIVATIONS if not a.endswith("_per_query"))
+
+
+@dataclass(frozen=True)
 class AttributionPatchParams:
     activations: list[str] = ("z",)
-    metric: str = "logit_diff"
+    metric: Literal["logit_diff", "prob", "logprob", "kl"] = "logit_diff"
     by_position: bool = False
+
+    def __post_init__(self):
+        require(bool(self.activations) and all(a in ATP_ACTIVATIONS for a in self.activations),
+                f"activations must be a non-empty list of {', '.join(ATP_ACTIVATIONS)}; got {list(self.activations)}")
+
+
+def _atp_outputs(params: AttributionPatchParams) -> Outputs:
+    heads = any(ACTIVATIONS[a][1] != "pos" for a in params.activations)
+    index = ("layer",) + (("head",) if heads else ()) + (("position",) if params.by_position else ())
+    return Outputs((Metric(f"atp_{params.metric}", f"first-order estimate of the normalised {params.metric} effect of "
+                           "patching each activation (0 = corrupted, 1 = clean)",
+                           tuple(sorted({COMPONENT.get(a, "head") for a in params.activations})), index, "effect"),))
 
 
 @register("patching.attribution", AttributionPatchParams,
-          "attribution patching: first-order estimate of every patch (two forwards, one backward)")
-def attribution_patching(model, task, params: AttributionPatchParams) -> Result:
+          "attribution patching: first-order estimate of every patch (two forwards, one backward)", _atp_outputs)
+def attribution_patching(model, task, params: AttributionPatchParams, ctx) -> Result:
     effects, clean, corrupt = attribution_patch(model, task, tuple(params.activations), params.metric, params.by_position)
     frames = []
     for a, t in effects.items():

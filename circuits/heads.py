@@ -14,6 +14,7 @@ can go on the same layer x head map.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import pandas as pd
 import torch
@@ -21,10 +22,11 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from circuits.attention_pass import for_each_pattern
-from circuits.heads_spec import parse_heads
-from circuits.patching import METRICS, PatchingRun, head_indices
+from circuits.patching import PatchingRun, head_indices
 from workbench.errors import WorkbenchError
-from workbench.methods import register
+from workbench.methods import Metric, Outputs, register
+from workbench.nodes import check_head_names, parse_heads
+from workbench.params import require
 from workbench.result import Result
 
 DETECTORS = ("previous_token", "duplicate_token", "induction")
@@ -81,7 +83,7 @@ def detector_scores(model, tokens: Int[Tensor, "batch pos"], lengths: Int[Tensor
 def repeat_losses(model, task) -> tuple[float, float]:
     """Mean next-token loss on the first copy and on the repeat of an induction task."""
     tokens, lengths = task.tokens("clean", device=model.device)
-    logprobs = model(tokens).log_softmax(-1)
+    logprobs = model.tl(tokens).log_softmax(-1)
     first, repeat = [], []
     for i, row in enumerate(task.rows):
         n = int(lengths[i])
@@ -91,16 +93,33 @@ def repeat_losses(model, task) -> tuple[float, float]:
     return torch.cat(first).mean().item(), torch.cat(repeat).mean().item()
 
 
-@dataclass
+def _batch_ok(batch_size: int) -> None:
+    require(batch_size >= 1, f"batch_size = {batch_size} must be at least 1")
+
+
+@dataclass(frozen=True)
 class DetectParams:
     exclude_bos: bool = False
     exclude_current_token: bool = False
     batch_size: int = 16
 
+    def __post_init__(self):
+        _batch_ok(self.batch_size)
+
+
+DETECT_OUTPUTS = Outputs((
+    Metric("previous_token_score", "attention to the previous token (TransformerLens's head detector, mean over prompts)"),
+    Metric("duplicate_token_score", "attention to earlier copies of the current token (head detector)"),
+    Metric("induction_score", "attention to the token after an earlier copy of the current token (head detector)"),
+    Metric("induction_loss_first", "mean loss on the first copy of the repeated sequence", "model", (), "summary"),
+    Metric("induction_loss_repeat", "mean loss on the repeat (far below the first copy when induction works)", "model", (), "summary"),
+))
+
 
 @register("heads.detect", DetectParams,
-          "previous-token, duplicate-token and induction head scores (TransformerLens's head detector), per head")
-def detect_heads(model, task, params: DetectParams) -> Result:
+          "previous-token, duplicate-token and induction head scores (TransformerLens's head detector), per head",
+          DETECT_OUTPUTS, task="induction")
+def detect_heads(model, task, params: DetectParams, ctx) -> Result:
     tokens, lengths = task.tokens("clean", device=model.device)
     scores = detector_scores(model, tokens, lengths, params.exclude_bos, params.exclude_current_token, params.batch_size)
     frames = [head_frame(model, s, f"{name}_score") for name, s in scores.items()]
@@ -156,19 +175,34 @@ def sink_stats(model, tokens: Int[Tensor, "batch pos"], lengths: Int[Tensor, "ba
                      {t: (sum(v) / len(v), len(v)) for t, v in token_ratio.items()})
 
 
-@dataclass
+@dataclass(frozen=True)
 class SinkParams:
     threshold: float = 0.3
     top_tokens: int = 10
     min_occurrences: int = 3
     batch_size: int = 16
 
+    def __post_init__(self):
+        require(0 < self.threshold < 1, "the sink threshold is an attention share: give a value in (0, 1), e.g. 0.3")
+        require(self.top_tokens >= 0 and self.min_occurrences >= 1, "top_tokens must be >= 0 and min_occurrences >= 1")
+        _batch_ok(self.batch_size)
+
+
+SINK_OUTPUTS = Outputs((
+    Metric("sink_alpha", "alpha_1: mean attention the first token receives"),
+    Metric("sink_ratio", "alpha_1 divided by what uniform causal attention would give the first token"),
+    Metric("later_sink_alpha", "the largest mean attention any later key receives (src_position: which key)",
+           "head", ("layer", "head", "src_position")),
+    Metric("sink_rate", "share of heads with alpha_1 above the threshold", "model", (), "summary"),
+    Metric("token_sink_ratio", "attention a token draws relative to uniform, for the most-attended tokens", "model",
+           ("token",), "detail"),
+), tensors={"alpha": ("layer", "head", "key_position")})
+
 
 @register("heads.sinks", SinkParams,
-          "attention sinks: alpha_1 per head, the sink rate (share of heads with alpha_1 > threshold), later sinks")
-def sinks(model, task, params: SinkParams) -> Result:
-    if not 0 < params.threshold < 1:
-        raise WorkbenchError("the sink threshold is an attention share: give a value in (0, 1), e.g. 0.3")
+          "attention sinks: alpha_1 per head, the sink rate (share of heads with alpha_1 > threshold), later sinks",
+          SINK_OUTPUTS, task="corpus")
+def sinks(model, task, params: SinkParams, ctx) -> Result:
     tokens, lengths = task.tokens("clean", device=model.device)
     if int(lengths.min()) < 4:
         raise WorkbenchError("attention sinks need prompts of at least 4 tokens (the paper uses 64-token inputs)")
@@ -181,7 +215,7 @@ def sinks(model, task, params: SinkParams) -> Result:
     frames = [
         head_frame(model, first, "sink_alpha"),
         head_frame(model, first / stats.uniform[0], "sink_ratio"),
-        head_frame(model, later_val, "later_sink_alpha").assign(sink_position=(later_pos + 1).flatten().numpy()),
+        head_frame(model, later_val, "later_sink_alpha").assign(src_position=(later_pos + 1).flatten().numpy()),
         pd.DataFrame({"component": "model", "metric": ["sink_rate"], "value": [(first > params.threshold).float().mean().item()],
                       "threshold": [params.threshold]}),
     ]
@@ -211,14 +245,20 @@ def distance_bins(n_pos: int) -> list[str]:
     return labels
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistanceParams:
     batch_size: int = 16
 
+    def __post_init__(self):
+        _batch_ok(self.batch_size)
 
-@register("heads.distance", DistanceParams, "each head's query-key distance profile: mean, spread and a log2 histogram")
+
+@register("heads.distance", DistanceParams, "each head's query-key distance profile: mean, spread and a log2 histogram",
+          Outputs((Metric("attn_distance_mean", "mean query-key distance, weighted by attention"),
+                   Metric("attn_distance_std", "spread of the query-key distance")),
+                  tensors={"distance_hist": ("layer", "head", "distance_bin")}), task="corpus")
 @torch.no_grad()
-def distance_profile(model, task, params: DistanceParams) -> Result:
+def distance_profile(model, task, params: DistanceParams, ctx) -> Result:
     tokens, lengths = task.tokens("clean", device=model.device)
     n_pos = tokens.shape[1]
     labels = distance_bins(n_pos)
@@ -250,9 +290,6 @@ def distance_profile(model, task, params: DistanceParams) -> Result:
 # ablation importance
 # ---------------------------------------------------------------------------------------------
 
-ABLATIONS = ("zero", "mean", "resample")
-
-
 @torch.no_grad()
 def mean_z(model, task, batch_size: int = 8) -> dict[str, Tensor]:
     """Each head's output (hook_z, [head, d_head]) averaged over every real position of the task's clean prompts."""
@@ -271,25 +308,36 @@ def mean_z(model, task, batch_size: int = 8) -> dict[str, Tensor]:
     return {name: total / lengths.sum() for name, total in sums.items()}
 
 
-@dataclass
+@dataclass(frozen=True)
 class AblationParams:
-    ablation: str = "mean"
-    metric: str = "logit_diff"
+    ablation: Literal["zero", "mean", "resample"] = "mean"
+    metric: Literal["logit_diff", "prob", "logprob", "kl"] = "logit_diff"
     heads: list[str] | None = None
     chunk_tokens: int = 16384
 
+    def __post_init__(self):
+        check_head_names(self.heads)
+        require(self.chunk_tokens >= 1, f"chunk_tokens = {self.chunk_tokens} must be at least 1")
+
+
+def _ablation_outputs(params: AblationParams) -> Outputs:
+    return Outputs((
+        Metric(f"ablation_{params.metric}", f"{params.metric} with the head {params.ablation}-ablated", "head", HEADS, "raw"),
+        Metric("ablation_effect", "(clean - ablated) / (clean - corrupted): 1 = ablating the head does as much damage "
+               "as corrupting the prompt", "head", HEADS, "effect"),
+    ))
+
+
+HEADS = ("layer", "head")
+
 
 @register("heads.ablation", AblationParams,
-          "each head's importance: the metric drop when its output is zero-, mean- or resample-ablated")
-def ablation_importance(model, task, params: AblationParams) -> Result:
+          "each head's importance: the metric drop when its output is zero-, mean- or resample-ablated", _ablation_outputs)
+def ablation_importance(model, task, params: AblationParams, ctx) -> Result:
     """Ablating a head = replacing its z in the clean run: by zeros, by its mean over the task, or
     by its value on the row's corrupted prompt (resample ablation from the corrupted distribution).
     Reported as the raw metric and as the effect (clean - ablated) / (clean - corrupted): 1 means
     ablating this one head does as much damage as corrupting the prompt."""
-    if params.ablation not in ABLATIONS:
-        raise WorkbenchError(f"unknown ablation '{params.ablation}'; choose one of {', '.join(ABLATIONS)}")
-    if params.metric not in METRICS:
-        raise WorkbenchError(f"unknown metric '{params.metric}'; choose one of {', '.join(METRICS)}")
     heads = parse_heads(model, params.heads) if params.heads is not None else None
     run = PatchingRun(model, task, params.metric, "noise", ("z",))
     if params.ablation != "resample":

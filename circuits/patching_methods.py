@@ -10,48 +10,65 @@ heads); `k_per_query`/`v_per_query` patch the key or value as one query head see
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import pandas as pd
 
-from circuits.heads_spec import parse_heads
-from circuits.patching import ACTIVATIONS, DIRECTIONS, METRICS, PatchIndex, PatchingRun, head_indices, layer_pos_indices
+from circuits.patching import ACTIVATIONS, PatchIndex, PatchingRun, head_indices, layer_pos_indices
 from workbench.errors import WorkbenchError
-from workbench.methods import register
+from workbench.methods import Metric, Outputs, register
+from workbench.nodes import check_head_names, parse_heads
+from workbench.params import require
 from workbench.result import Result
 
+MetricName = Literal["logit_diff", "prob", "logprob", "kl"]
 
-@dataclass
+
+@dataclass(frozen=True)
 class PatchParams:
-    metric: str = "logit_diff"
-    direction: str = "denoise"
+    metric: MetricName = "logit_diff"
+    direction: Literal["denoise", "noise"] = "denoise"
     chunk_tokens: int = 16384
 
+    def __post_init__(self):
+        require(self.chunk_tokens >= 1, f"chunk_tokens = {self.chunk_tokens} must be at least 1")
 
-@dataclass
+
+@dataclass(frozen=True)
 class ResidPatchParams(PatchParams):
-    hook: str = "resid_pre"
+    hook: Literal["resid_pre", "resid_mid", "resid_post"] = "resid_pre"
     by_position: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerOutPatchParams(PatchParams):
     by_position: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class HeadPatchParams(PatchParams):
-    activation: str = "z"
+    activation: Literal["z", "q", "k", "v", "pattern", "k_per_query", "v_per_query"] = "z"
     by_position: bool = False
     heads: list[str] | None = None
 
+    def __post_init__(self):
+        super().__post_init__()
+        check_head_names(self.heads)
 
-def _check(params: PatchParams) -> None:
-    if params.metric not in METRICS:
-        raise WorkbenchError(f"unknown metric '{params.metric}'; choose one of {', '.join(METRICS)}")
-    if params.direction not in DIRECTIONS:
-        raise WorkbenchError(f"unknown direction '{params.direction}'; choose 'denoise' or 'noise'")
-    if params.chunk_tokens < 1:
-        raise WorkbenchError("chunk_tokens must be at least 1")
+
+def patch_outputs(component: str, index: tuple[str, ...]):
+    """Declared rows of a patching sweep: the normalised effect and its raw twin."""
+
+    def outputs(params) -> Outputs:
+        by_pos = ("position",) if params.by_position else ()
+        return Outputs((
+            Metric(f"patch_{params.metric}", f"normalised {params.metric} after patching (0 = corrupted run, 1 = clean)",
+                   component, index + by_pos, "effect"),
+            Metric(f"patch_{params.metric}_raw", f"{params.metric} after patching, averaged over prompts",
+                   component, index + by_pos, "raw"),
+        ))
+
+    return outputs
 
 
 def _result(run: PatchingRun, activation: str, component: str, indices: list[PatchIndex], params: PatchParams) -> Result:
@@ -73,18 +90,15 @@ def _result(run: PatchingRun, activation: str, component: str, indices: list[Pat
     return Result(pd.concat(frames, ignore_index=True), meta=meta)
 
 
-@register("patching.resid", ResidPatchParams, "patch the residual stream (resid_pre/mid/post) by layer x position")
-def patch_resid(model, task, params: ResidPatchParams) -> Result:
-    _check(params)
-    if params.hook not in ("resid_pre", "resid_mid", "resid_post"):
-        raise WorkbenchError(f"hook must be resid_pre, resid_mid or resid_post, not '{params.hook}'")
+@register("patching.resid", ResidPatchParams, "patch the residual stream (resid_pre/mid/post) by layer x position",
+          patch_outputs("resid", ("layer",)))
+def patch_resid(model, task, params: ResidPatchParams, ctx) -> Result:
     run = PatchingRun(model, task, params.metric, params.direction, (params.hook,))
     indices = layer_pos_indices(model, run.clean_tokens.shape[1], params.by_position)
     return _result(run, params.hook, "resid", indices, params)
 
 
 def _layer_out(model, task, params: LayerOutPatchParams, activation: str, component: str) -> Result:
-    _check(params)
     if activation == "mlp_out" and model.cfg.attn_only:
         raise WorkbenchError(f"model '{model.name}' is attention-only: it has no MLP outputs to patch")
     run = PatchingRun(model, task, params.metric, params.direction, (activation,))
@@ -92,23 +106,22 @@ def _layer_out(model, task, params: LayerOutPatchParams, activation: str, compon
     return _result(run, activation, component, indices, params)
 
 
-@register("patching.attn_out", LayerOutPatchParams, "patch each attention layer's output by layer x position")
-def patch_attn_out(model, task, params: LayerOutPatchParams) -> Result:
+@register("patching.attn_out", LayerOutPatchParams, "patch each attention layer's output by layer x position",
+          patch_outputs("attn", ("layer",)))
+def patch_attn_out(model, task, params: LayerOutPatchParams, ctx) -> Result:
     return _layer_out(model, task, params, "attn_out", "attn")
 
 
-@register("patching.mlp_out", LayerOutPatchParams, "patch each MLP's output by layer x position")
-def patch_mlp_out(model, task, params: LayerOutPatchParams) -> Result:
+@register("patching.mlp_out", LayerOutPatchParams, "patch each MLP's output by layer x position",
+          patch_outputs("mlp", ("layer",)))
+def patch_mlp_out(model, task, params: LayerOutPatchParams, ctx) -> Result:
     return _layer_out(model, task, params, "mlp_out", "mlp")
 
 
 @register("patching.attn_head", HeadPatchParams,
-          "patch every attention head's output (z) or its query, key, value or pattern, all positions or by position")
-def patch_attn_head(model, task, params: HeadPatchParams) -> Result:
-    _check(params)
-    allowed = ("z", "q", "k", "v", "pattern", "k_per_query", "v_per_query")
-    if params.activation not in allowed:
-        raise WorkbenchError(f"activation must be one of {', '.join(allowed)}, not '{params.activation}'")
+          "patch every attention head's output (z) or its query, key, value or pattern, all positions or by position",
+          patch_outputs("head", ("layer", "head")))
+def patch_attn_head(model, task, params: HeadPatchParams, ctx) -> Result:
     kv = ACTIVATIONS[params.activation][1] == "kv_head"
     heads = parse_heads(model, params.heads, model.n_kv_heads if kv else None) if params.heads is not None else None
     run = PatchingRun(model, task, params.metric, params.direction, (params.activation,))

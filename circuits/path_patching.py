@@ -20,11 +20,14 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from circuits.heads_spec import parse_heads
+from typing import Literal
+
 from circuits.patching import PatchingRun, unembed_final
 from workbench.errors import WorkbenchError
-from workbench.methods import register
-from workbench.result import Result, head_name
+from workbench.methods import EDGE_INDEX, Metric, Outputs, register
+from workbench.nodes import check_head_names, head_name, parse_heads
+from workbench.params import require
+from workbench.result import Result
 
 INPUTS = ("q", "k", "v")
 
@@ -96,33 +99,46 @@ class PathPatchingRun(PatchingRun):
         return self._values(logits, n).view(n, batch).mean(1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PathPatchParams:
-    receivers: list[str] = ()
-    receiver_input: str = "q"
+    receivers: list[str]
+    receiver_input: Literal["q", "k", "v"] = "q"
     senders: list[str] | None = None
-    metric: str = "logit_diff"
+    metric: Literal["logit_diff", "prob", "logprob", "kl"] = "logit_diff"
+
+    def __post_init__(self):
+        require(bool(self.receivers), 'path patching needs receivers, e.g. receivers = ["L23H3"]')
+        check_head_names(self.receivers)
+        check_head_names(self.senders)
+
+
+def _path_outputs(params: PathPatchParams) -> Outputs:
+    return Outputs((
+        Metric(f"path_patch_{params.metric}", "normalised effect of the edge src -> dst (the receiver's dst_input) alone "
+               "(0 = corrupted, 1 = clean)", "edge", EDGE_INDEX, "effect"),
+        Metric(f"path_patch_{params.metric}_raw", f"{params.metric} with only that edge patched", "edge", EDGE_INDEX, "raw"),
+    ))
 
 
 @register("patching.path", PathPatchParams,
-          "path patching: each sender head's effect through the receivers' queries, keys or values")
-def path_patching(model, task, params: PathPatchParams) -> Result:
-    if not params.receivers:
-        raise WorkbenchError('path patching needs receivers, e.g. receivers = ["L23H3"]')
+          "path patching: each sender head's effect through each receiver's query, key or value (one edge a row)",
+          _path_outputs, version=2)
+def path_patching(model, task, params: PathPatchParams, ctx) -> Result:
     receivers = parse_heads(model, list(params.receivers))
-    first = min(layer for layer, _ in receivers)
-    if params.senders is None:
-        senders = [(layer, h) for layer in range(first) for h in range(model.n_heads)]
-    else:
-        senders = parse_heads(model, params.senders)
-    if not senders:
-        raise WorkbenchError(f"no sender can come before the first receiver layer {first}")
+    chosen = parse_heads(model, params.senders) if params.senders is not None else None
     run = PathPatchingRun(model, task, params.metric)
-    raw = run.run_paths(senders, receivers, params.receiver_input)
-    norm = run.baselines.normalise(raw)
-    dst = ",".join(head_name(*r) for r in receivers) + f":{params.receiver_input}"
-    base = pd.DataFrame({"component": "edge", "layer": [s[0] for s in senders], "head": [s[1] for s in senders],
-                         "src": [head_name(*s) for s in senders], "dst": dst})
-    scores = pd.concat([base.assign(metric=f"path_patch_{params.metric}", value=norm.numpy()),
-                        base.assign(metric=f"path_patch_{params.metric}_raw", value=raw.numpy())], ignore_index=True)
-    return Result(scores, meta={"baselines": {"clean": run.baselines.clean, "corrupted": run.baselines.corrupted}})
+    frames = []
+    for receiver in receivers:
+        if chosen is None:
+            senders = [(layer, h) for layer in range(receiver[0]) for h in range(model.n_heads)]
+        else:
+            senders = [s for s in chosen if s[0] < receiver[0]]
+        if not senders:
+            raise WorkbenchError(f"no sender comes before receiver {head_name(*receiver)} (layer {receiver[0]})")
+        raw = run.run_paths(senders, [receiver], params.receiver_input)
+        base = pd.DataFrame({"component": "edge", "src": [head_name(*s) for s in senders], "dst": head_name(*receiver),
+                             "dst_input": params.receiver_input})
+        frames += [base.assign(metric=f"path_patch_{params.metric}", value=run.baselines.normalise(raw).numpy()),
+                   base.assign(metric=f"path_patch_{params.metric}_raw", value=raw.numpy())]
+    return Result(pd.concat(frames, ignore_index=True),
+                  meta={"baselines": {"clean": run.baselines.clean, "corrupted": run.baselines.corrupted}})

@@ -17,25 +17,30 @@ import torch
 from circuits.attention_pass import for_each_pattern
 from circuits.heads import head_frame
 from workbench.errors import WorkbenchError
-from workbench.methods import register
+from workbench.methods import Metric, Outputs, register
+from workbench.params import require
 from workbench.result import Result
 
 
-@dataclass
+@dataclass(frozen=True)
 class PatternParams:
     n_prompts: int = 4
     max_tokens: int = 128
+
+    def __post_init__(self):
+        require(self.n_prompts >= 1, f"n_prompts = {self.n_prompts} must be at least 1")
+        require(self.max_tokens >= 1, f"max_tokens = {self.max_tokens} must be at least 1")
 
 
 def _str_tokens(model, ids: list[int]) -> list[str]:
     return model.to_str_tokens(ids) if model.tokenizer is not None else [str(i) for i in ids]
 
 
-@register("attention.patterns", PatternParams, "every head's attention pattern on the task's first prompts, for viewing")
+@register("attention.patterns", PatternParams, "every head's attention pattern on the task's first prompts, for viewing",
+          Outputs((Metric("attn_entropy", "mean entropy of the head's attention rows (nats)"),),
+                  tensors={"pattern": ("prompt", "layer", "head", "query", "key")}))
 @torch.no_grad()
-def attention_patterns(model, task, params: PatternParams) -> Result:
-    if params.n_prompts < 1:
-        raise WorkbenchError("n_prompts must be at least 1")
+def attention_patterns(model, task, params: PatternParams, ctx) -> Result:
     n = min(params.n_prompts, len(task))
     tokens, lengths = task.tokens("clean", device=model.device)
     tokens, lengths = tokens[:n], lengths[:n]

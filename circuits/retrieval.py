@@ -27,7 +27,7 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import pandas as pd
 import torch
@@ -37,11 +37,13 @@ from tqdm.auto import tqdm
 from circuits.heads import head_frame, mean_z
 from circuits.patching import unembed_final
 from workbench.errors import WorkbenchError
-from workbench.methods import register
-from workbench.result import Result, head_name
+from workbench.methods import Metric, Outputs, register
+from workbench.nodes import head_name
+from workbench.params import require
+from workbench.result import Result
+from workbench.spec import Need
 
 Hook = tuple[str | Callable[[str], bool], Callable]
-MASKS = ("query", "zero", "mean")
 
 
 @dataclass
@@ -151,18 +153,16 @@ def needle_tests(model, task, max_new_tokens: int) -> list[NeedleTest]:
     return tests
 
 
-@dataclass
+@dataclass(frozen=True)
 class RetrievalParams:
     max_new_tokens: int = 32
     threshold: float = 0.1
     rouge_threshold: float = 0.5
 
-
-def _check(params: RetrievalParams) -> None:
-    if params.max_new_tokens < 1:
-        raise WorkbenchError("max_new_tokens must be at least 1")
-    if not 0 <= params.threshold < 1 or not 0 <= params.rouge_threshold < 1:
-        raise WorkbenchError("threshold and rouge_threshold are shares: give values in [0, 1)")
+    def __post_init__(self):
+        require(self.max_new_tokens >= 1, f"max_new_tokens = {self.max_new_tokens} must be at least 1")
+        require(0 <= self.threshold < 1 and 0 <= self.rouge_threshold < 1,
+                "threshold and rouge_threshold are shares: give values in [0, 1)")
 
 
 @dataclass
@@ -198,10 +198,20 @@ def score_tests(model, tests: list[NeedleTest], params: RetrievalParams) -> Scor
     return scored
 
 
+RETRIEVAL_OUTPUTS = Outputs((
+    Metric("retrieval_score", "copy-paste score: share of the needle the head copies while the model answers, mean over "
+           "answered tests"),
+    Metric("needle_rouge1_recall", "ROUGE-1 recall of the needle's answer in the response, per test", "model", ("prompt",), "detail"),
+    Metric("needle_accuracy", "share of tests answered (recall above rouge_threshold)", "model", (), "summary"),
+    Metric("retrieval_head_share", "share of heads scoring above threshold", "model", (), "summary"),
+    Metric("retrieval_zero_share", "share of heads scoring exactly 0", "model", (), "summary"),
+), tensors={"copy_scores": ("test", "layer", "head")})
+
+
 @register("retrieval.score", RetrievalParams,
-          "retrieval-head score per head (Wu et al. 2024): copy-paste from the needle during greedy decoding")
-def retrieval_score(model, task, params: RetrievalParams) -> Result:
-    _check(params)
+          "retrieval-head score per head (Wu et al. 2024): copy-paste from the needle during greedy decoding",
+          RETRIEVAL_OUTPUTS, task="needle")
+def retrieval_score(model, task, params: RetrievalParams, ctx) -> Result:
     scored = score_tests(model, needle_tests(model, task, params.max_new_tokens), params)
     scores = scored.head_scores()
     n = len(scored.recall)
@@ -251,47 +261,58 @@ def accuracy(model, tests: list[NeedleTest], params: RetrievalParams, hooks: lis
     return hits / len(tests)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MaskingParams(RetrievalParams):
     ks: list[int] = (1, 5, 10)
-    mask: str = "query"
+    mask: Literal["query", "zero", "mean"] = "query"
     n_random: int = 2
     seed: int = 0
 
+    def __post_init__(self):
+        super().__post_init__()
+        require(bool(self.ks) and min(self.ks) >= 1, f"ks = {list(self.ks)} must be head counts of at least 1")
+        require(self.n_random >= 1, f"n_random = {self.n_random} must be at least 1")
+
+
+def _masking_needs(params: MaskingParams) -> dict[str, Need]:
+    """The scores that pick the heads to mask: the stored `retrieval.score` run with the same scoring parameters."""
+    return {"scores": Need("retrieval.score", RetrievalParams(params.max_new_tokens, params.threshold, params.rouge_threshold))}
+
 
 @register("retrieval.masking", MaskingParams,
-          "causal check: needle accuracy with the top-K retrieval heads masked vs K random non-retrieval heads")
-def retrieval_masking(model, task, params: MaskingParams) -> Result:
-    _check(params)
-    if params.mask not in MASKS:
-        raise WorkbenchError(f"unknown mask '{params.mask}'; choose one of {', '.join(MASKS)}")
+          "causal check: needle accuracy with the top-K retrieval heads masked vs K random non-retrieval heads",
+          Outputs((Metric("needle_accuracy", "needle accuracy with `heads` masked (k = 0: none masked, from the scores' run)",
+                          "model", ("k", "masked", "draw", "heads"), "detail"),)),
+          needs=_masking_needs, version=2, task="needle")
+def retrieval_masking(model, task, params: MaskingParams, ctx) -> Result:
     ks = sorted(set(params.ks))
     n_total = model.n_layers * model.n_heads
-    if not ks or ks[0] < 1 or ks[-1] >= n_total:
+    if ks[-1] >= n_total:
         raise WorkbenchError(f"ks must be head counts between 1 and {n_total - 1}")
-    if params.n_random < 1:
-        raise WorkbenchError("n_random must be at least 1")
+    stored = ctx.inputs["scores"]
+    scores = torch.zeros(model.n_layers, model.n_heads)
+    for r in stored.metric("retrieval_score").itertuples():
+        scores[int(r.layer), int(r.head)] = r.value
     tests = needle_tests(model, task, params.max_new_tokens)
-    scored = score_tests(model, tests, params)
-    scores = scored.head_scores()
     order = sorted(((layer, h) for layer in range(model.n_layers) for h in range(model.n_heads)),
                    key=lambda lh: -float(scores[lh]))
     non_retrieval = [lh for lh in order if float(scores[lh]) <= params.threshold]
     means = mean_z(model, task) if params.mask == "mean" else None
-    rows = [dict(k=0, masked="none", draw=0, value=scored.counted.float().mean().item(), heads="")]
+    rows = [dict(k=0, masked="none", draw=0, value=stored.value("needle_accuracy"), heads=[])]
     rng = random.Random(params.seed)
     for k in tqdm(ks, desc="masking", leave=False):
         top = order[:k]
-        rows.append(dict(k=k, masked="retrieval", draw=0, heads=" ".join(head_name(*lh) for lh in top),
+        rows.append(dict(k=k, masked="retrieval", draw=0, heads=[head_name(*lh) for lh in top],
                          value=accuracy(model, tests, params, mask_hooks(model, top, params.mask, means), f"top {k}")))
         pool = [lh for lh in non_retrieval if lh not in top]
         if len(pool) < k:
             raise WorkbenchError(f"only {len(pool)} non-retrieval heads are left to draw {k} random heads from; use smaller ks")
         for draw in range(params.n_random):
             chosen = rng.sample(pool, k)
-            rows.append(dict(k=k, masked="random", draw=draw, heads=" ".join(head_name(*lh) for lh in chosen),
+            rows.append(dict(k=k, masked="random", draw=draw, heads=[head_name(*lh) for lh in chosen],
                              value=accuracy(model, tests, params, mask_hooks(model, chosen, params.mask, means),
                                             f"random {k} #{draw}")))
     frame = pd.DataFrame(rows).assign(component="model", metric="needle_accuracy")
-    meta = {"mask": params.mask, "tests": len(tests), "retrieval_heads": int((scores > params.threshold).sum())}
+    meta = {"mask": params.mask, "tests": len(tests), "retrieval_heads": int((scores > params.threshold).sum()),
+            "scores_run": stored.run_id}
     return Result(frame, meta=meta)

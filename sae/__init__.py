@@ -1,4 +1,8 @@
-"""Attention-output sparse autoencoders on hook_z, trained with SAELens; importing this package
-registers their methods with `workbench.methods`."""
+"""Attention-output sparse autoencoders on hook_z, trained with SAELens. Importing this package
+imports every module in it, and each module registers its methods with `workbench.methods`."""
 
-from sae import prompt_features, saes, training  # noqa: F401
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

@@ -17,15 +17,11 @@ same batches as an uninterrupted one.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from filelock import FileLock
 from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -101,8 +97,8 @@ def _open(path: Path, key: str) -> ActivationCache:
 
 def find_cache(store: Store, model, task, layer: int) -> ActivationCache | None:
     key = cache_key(model, task, layer)
-    path = store.root / "activations" / key[:2] / key
-    return _open(path, key) if (path / "meta.json").is_file() else None
+    path = store.activations(key)
+    return _open(path, key) if path is not None else None
 
 
 def cache_activations(store: Store, model, task, layer: int, shard_tokens: int = SHARD_TOKENS,
@@ -114,15 +110,8 @@ def cache_activations(store: Store, model, task, layer: int, shard_tokens: int =
     if found is not None:
         return found
     key = cache_key(model, task, layer)
-    final = store.root / "activations" / key[:2] / key
-    for sub in ("tmp", "locks"):
-        (store.root / sub).mkdir(parents=True, exist_ok=True)
-    with FileLock(str(store.root / "locks" / f"activations-{key}.lock")):
-        if (final / "meta.json").is_file():
-            return _open(final, key)
-        tmp = store.root / "tmp" / f"{os.getpid()}-{uuid.uuid4().hex}"
-        tmp.mkdir()
-        try:
+    with store.write_activations(key) as tmp:
+        if tmp is not None:
             shards, pending, n_tokens, d_in = [], [], 0, 0
 
             def flush():
@@ -142,11 +131,7 @@ def cache_activations(store: Store, model, task, layer: int, shard_tokens: int =
             meta = {"hook": z_hook(layer), "n_tokens": n_tokens, "d_in": d_in, "n_prompts": len(task), "shards": shards,
                     "model": model.identity.key(), "task": task.spec(), "format": FORMAT_VERSION}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return _open(final, key)
+    return _open(store.activations(key), key)
 
 
 def batches(cache: ActivationCache, batch_size: int, seed: int, prompts: range,

@@ -13,36 +13,54 @@ writes at the destination (`dfa_head`, summed over sources) and where it read th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
 
-from circuits.heads_spec import parse_heads
 from sae.activations import collect_z, z_hook
 from sae.features import token_strings
-from sae.saes import stored_sae
+from sae.saes import sae_of
+from sae.training import SAETrainParams
 from workbench.errors import WorkbenchError
-from workbench.methods import register
+from workbench.methods import Metric, Outputs, get_method, register
+from workbench.nodes import check_head_names, parse_heads
+from workbench.params import require
 from workbench.result import Result
+from workbench.spec import Need, TaskSpec
+from workbench.tasks.text import TextParams
 
 
-def _sae(params, model, ctx):
-    if not params.sae:
-        raise WorkbenchError("give sae = the run id of a sae.train or sae.load run (`workbench ls --method sae.train`)")
-    return stored_sae(ctx.store, params.sae, model)
+def default_sae() -> Need:
+    """The SAE `sae.train` makes with its defaults on its natural task."""
+    return Need("sae.train", SAETrainParams(), TaskSpec("corpus", TextParams(n_prompts=256, seq_len=128)))
 
 
-@dataclass
+def _sae_needs(params) -> dict[str, Need]:
+    return {"sae": params.sae}
+
+
+def _check_sae(need: Need) -> None:
+    require(get_method(need.method).declared(need.params).artifact == "sae",
+            f"sae names a '{need.method}' run, which holds no SAE; name a sae.train or sae.load run")
+
+
+@dataclass(frozen=True)
 class SAEActivationsParams:
-    sae: str = ""
+    sae: Need = field(default_factory=default_sae)
+
+    def __post_init__(self):
+        _check_sae(self.sae)
 
 
 @register("sae.activations", SAEActivationsParams,
-          "activations of a stored attention-output SAE's features on every token of a task's prompts", uses_store=True)
+          "activations of a stored attention-output SAE's features on every token of a task's prompts",
+          Outputs((Metric("feature_activation", "the feature's activation where it fires", "sae_feature",
+                          ("layer", "feature", "prompt", "position", "token"), "detail"),)),
+          needs=_sae_needs, version=2, task="corpus")
 @torch.no_grad()
 def sae_activations(model, task, params: SAEActivationsParams, ctx) -> Result:
-    sae, layer, _ = _sae(params, model, ctx)
+    sae, layer = sae_of(ctx.inputs["sae"])
     frames = []
     for part in collect_z(model, task, layer):
         acts = sae.encode(part["z"].to(sae.W_enc.device)).float().cpu()
@@ -53,24 +71,41 @@ def sae_activations(model, task, params: SAEActivationsParams, ctx) -> Result:
                                     "value": acts[rows, feats].numpy()}))
     frame = pd.concat(frames, ignore_index=True)
     ids = {t for p in task.clean for t in p}
-    return Result(frame, meta={"sae": params.sae, "layer": layer, "token_strings": token_strings(model, ids)})
+    return Result(frame, meta={"sae_run": ctx.inputs["sae"].run_id, "layer": layer, "token_strings": token_strings(model, ids)})
 
 
-@dataclass
+@dataclass(frozen=True)
 class SAEDFAParams:
-    sae: str = ""
+    sae: Need = field(default_factory=default_sae)
     heads: list[str] | None = None  # heads of the SAE's layer to report; None = all
     position: int = -1  # destination position; negative counts from each prompt's last real token
     n_features: int = 10  # the most active features at the destination, per prompt
     batch_size: int = 8
 
+    def __post_init__(self):
+        _check_sae(self.sae)
+        check_head_names(self.heads)
+        require(self.n_features >= 1 and self.batch_size >= 1, "n_features and batch_size must be at least 1")
+
+
+DFA_INDEX = ("layer", "feature", "prompt", "position")
+DFA_OUTPUTS = Outputs((
+    Metric("feature_activation", "the feature's activation at the destination position", "sae_feature", DFA_INDEX, "detail"),
+    Metric("feature_preactivation", "the pre-activation rebuilt from the per-(head, source) terms", "sae_feature",
+           DFA_INDEX, "detail"),
+    Metric("dfa_head", "what the head writes into the feature at the destination, summed over sources", "head",
+           ("layer", "head", "feature", "prompt", "position"), "detail"),
+    Metric("dfa", "what the head writes into the feature, per source position", "head",
+           ("layer", "head", "feature", "prompt", "position", "src_position"), "detail"),
+))
+
 
 @register("sae.dfa", SAEDFAParams,
           "direct feature attribution: which SAE features each head writes at a position, per source position",
-          uses_store=True)
+          DFA_OUTPUTS, needs=_sae_needs, version=2, task="corpus")
 @torch.no_grad()
 def sae_dfa(model, task, params: SAEDFAParams, ctx) -> Result:
-    sae, layer, _ = _sae(params, model, ctx)
+    sae, layer = sae_of(ctx.inputs["sae"])
     heads = sorted({h for lay, h in parse_heads(model, params.heads)} if params.heads else range(model.n_heads))
     if params.heads and any(lay != layer for lay, _ in parse_heads(model, params.heads)):
         raise WorkbenchError(f"the SAE reads layer {layer}; name heads of that layer (L{layer}H0..L{layer}H{model.n_heads - 1})")
@@ -101,7 +136,7 @@ def sae_dfa(model, task, params: SAEDFAParams, ctx) -> Result:
             for j, (f, a) in enumerate(zip(top.indices[i].tolist(), top.values[i].tolist())):
                 if a <= 0:
                     continue
-                common = {"layer": layer, "feature": f, "prompt": start + i, "dst": int(dst[i])}
+                common = {"layer": layer, "feature": f, "prompt": start + i, "position": int(dst[i])}
                 frames.append(pd.DataFrame([{**common, "component": "sae_feature", "metric": "feature_activation", "value": a},
                                             {**common, "component": "sae_feature", "metric": "feature_preactivation",
                                              "value": float(per_src[i, j].sum() + constant[f])}]))
@@ -109,8 +144,8 @@ def sae_dfa(model, task, params: SAEDFAParams, ctx) -> Result:
                 frames.append(pd.DataFrame({**common, "component": "head", "head": heads, "metric": "dfa_head",
                                             "value": contrib.sum(-1).cpu().numpy()}))
                 frames.append(pd.DataFrame({**common, "component": "head", "head": torch.tensor(heads).repeat_interleave(n_src).numpy(),
-                                            "position": torch.arange(n_src).repeat(len(heads)).numpy(), "metric": "dfa",
+                                            "src_position": torch.arange(n_src).repeat(len(heads)).numpy(), "metric": "dfa",
                                             "value": contrib.flatten().cpu().numpy()}))
     if not frames:
         raise WorkbenchError("no SAE feature fires at that position on any prompt; try another position or SAE")
-    return Result(pd.concat(frames, ignore_index=True), meta={"sae": params.sae, "layer": layer})
+    return Result(pd.concat(frames, ignore_index=True), meta={"sae_run": ctx.inputs["sae"].run_id, "layer": layer})

@@ -23,11 +23,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from workbench.errors import WorkbenchError
+from sae.outputs import LOADED_SAE
 from workbench.methods import register
+from workbench.params import require
 from workbench.result import Result
 
 Z_HOOK = re.compile(r"^blocks\.(\d+)\.attn\.hook_z$")
-SAE_METHODS = ("sae.train", "sae.load")
 
 
 def head_attribution(w_dec: Float[Tensor, "d_sae d_in"], n_heads: int) -> Float[Tensor, "d_sae n_heads"]:
@@ -61,7 +62,7 @@ def load_sae(result: Result):
     cfg = result.meta.get("sae_cfg")
     if cfg is None:
         raise WorkbenchError(f"run {result.run_id} is not an SAE (it is '{result.meta.get('spec', {}).get('method')}'); "
-                             f"give the run id of a {' or '.join(SAE_METHODS)} run (`workbench ls --method sae.train`)")
+                             "name an SAE run (sae.train or sae.load)")
     names = result.meta["sae_tensors"]
     with tempfile.TemporaryDirectory() as d:
         save_file({k: result.tensors[k].contiguous() for k in names}, str(Path(d) / "sae_weights.safetensors"))
@@ -71,15 +72,9 @@ def load_sae(result: Result):
     return sae
 
 
-def stored_sae(store, run_id: str, model) -> tuple[object, int, Result]:
-    """(SAE, layer, stored result) for an SAE run id, checked against `model`."""
-    result = store.get(run_id)
-    sae = load_sae(result)
-    layer = int(result.meta["layer"])
-    if result.meta.get("spec", {}).get("model") != model.identity.key():
-        raise WorkbenchError(f"SAE {result.run_id} was made for model '{result.meta['spec']['model'].get('name')}', "
-                             f"not '{model.identity.name}'; use an SAE of this model")
-    return sae, layer, result
+def sae_of(result: Result) -> tuple[object, int]:
+    """(SAE, layer) of a stored SAE run (a method's `needs` guarantee it is of the same model)."""
+    return load_sae(result), int(result.meta["layer"])
 
 
 def check_attention_sae(hook: str | None, d_in: int, model) -> int:
@@ -118,23 +113,28 @@ def sae_result(sae, model, layer: int, metrics: dict[str, float], extra_meta: di
                   meta=meta)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SAELoadParams:
     path: str = ""
     release: str = ""
     sae_id: str = ""
     eval_prompts: int = 32
 
+    def __post_init__(self):
+        require(bool(self.path) != bool(self.release),
+                "give either path (a SAELens SAE directory) or release + sae_id (needs a hub), not both or neither")
+        require(not self.release or bool(self.sae_id), "a release needs an sae_id (SAELens's pretrained_saes.yaml lists them)")
+        require(self.eval_prompts >= 1, f"eval_prompts = {self.eval_prompts} must be at least 1")
+
 
 @register("sae.load", SAELoadParams,
-          "bring a pretrained SAELens attention-output SAE (local directory or release + id) into the store and evaluate it")
-def sae_load(model, task, params: SAELoadParams) -> Result:
+          "bring a pretrained SAELens attention-output SAE (local directory or release + id) into the store and evaluate it",
+          LOADED_SAE)
+def sae_load(model, task, params: SAELoadParams, ctx) -> Result:
     from sae_lens import SAE
 
     from sae.evaluation import evaluate
 
-    if bool(params.path) == bool(params.release):
-        raise WorkbenchError("give either path (a SAELens SAE directory) or release + sae_id (needs a hub), not both or neither")
     if params.path:
         path = Path(params.path).expanduser()
         if not (path / "cfg.json").is_file():
@@ -142,8 +142,6 @@ def sae_load(model, task, params: SAELoadParams) -> Result:
         sae = SAE.load_from_disk(str(path))
         source = {"path": str(path.resolve())}
     else:
-        if not params.sae_id:
-            raise WorkbenchError("a release needs an sae_id (SAELens's pretrained_saes.yaml lists them)")
         try:
             sae = SAE.from_pretrained(params.release, params.sae_id)
         except Exception as e:  # no hub, unknown release or id

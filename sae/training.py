@@ -20,10 +20,8 @@ here is loaded with pickle.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -32,12 +30,13 @@ from safetensors.torch import load_file, save_file
 from sae.activations import ActivationCache, batches, cache_activations
 from sae.evaluation import evaluate
 from sae.features import feature_pass
+from sae.outputs import TRAINED_SAE
 from sae.saes import sae_result, to_inference
 from workbench.errors import WorkbenchError
 from workbench.methods import register
 from workbench.result import Result
+from workbench.store import Store
 
-ARCHITECTURES = ("standard", "topk", "jumprelu")
 DEFAULT_SPARSITY = {"standard": 5.0, "jumprelu": 1.0}
 
 
@@ -58,7 +57,7 @@ def _trainer_class():
     from sae_lens.training.sae_trainer import SAETrainer
 
     class Trainer(SAETrainer):
-        checkpoint_dir: Path | None = None
+        checkpoints: tuple[Store, str] | None = None  # (store, run key)
 
         def _update_pbar(self, step_output, pbar, update_interval: int = 20):
             super()._update_pbar(step_output, pbar, update_interval)
@@ -67,14 +66,14 @@ def _trainer_class():
                 pbar.set_postfix(L0=f"{l0:.1f}", dead=int(self.dead_neurons.sum()), refresh=False)
 
         def save_checkpoint(self, checkpoint_name: str, base_path=None):
-            if self.checkpoint_dir is not None:
-                save_checkpoint(self, self.checkpoint_dir)
+            if self.checkpoints is not None:
+                save_checkpoint(self, *self.checkpoints)
 
     return Trainer
 
 
-def save_checkpoint(trainer, root: Path) -> Path:
-    """Write the trainer's whole state under `root/step_N/` atomically and drop older checkpoints."""
+def save_checkpoint(trainer, store: Store, key: str) -> Path:
+    """Write the trainer's whole state as run `key`'s checkpoint in the store (older ones are dropped)."""
     steps = trainer.n_training_steps + 1  # called after a step, before the trainer counts it
     opt = trainer.optimizer.state_dict()
     tensors = {f"sae.{k}": v.detach().cpu().contiguous() for k, v in trainer.sae.state_dict().items()}
@@ -86,22 +85,12 @@ def save_checkpoint(trainer, root: Path) -> Path:
              "n_frac_active_samples": trainer.n_frac_active_samples, "started_fine_tuning": trainer.started_fine_tuning,
              "param_groups": opt["param_groups"], "lr_scheduler": trainer.lr_scheduler.state_dict(),
              "coefficient_schedulers": {k: v.state_dict() for k, v in trainer.coefficient_schedulers.items()}}
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{os.getpid()}-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(state))
-    final = root / f"step_{steps:09d}"
-    os.rename(tmp, final)
-    for old in root.iterdir():
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
 
+    def write(d: Path) -> None:
+        save_file(tensors, str(d / "state.safetensors"))
+        (d / "state.json").write_text(json.dumps(state))
 
-def latest_checkpoint(root: Path) -> Path | None:
-    done = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file()) if root.is_dir() else []
-    return done[-1] if done else None
+    return store.save_checkpoint(key, steps, write)
 
 
 def restore_checkpoint(trainer, path: Path) -> None:
@@ -133,8 +122,9 @@ def training_mean(cache: ActivationCache, train_prompts: range) -> torch.Tensor:
 
 
 def train_sae(cache: ActivationCache, train_prompts: range, params: "SAETrainParams", d_sae: int,
-              checkpoint_dir: Path | None = None):
-    """Train with SAELens's SAETrainer on shuffled cached batches; resumes from `checkpoint_dir` if it holds one."""
+              checkpoints: tuple[Store, str] | None = None):
+    """Train with SAELens's SAETrainer on shuffled cached batches; with `checkpoints` = (store, run key)
+    it checkpoints there and resumes from the latest checkpoint it finds."""
     from sae_lens.config import LoggingConfig, SAETrainerConfig
 
     torch.manual_seed(params.seed)
@@ -142,13 +132,13 @@ def train_sae(cache: ActivationCache, train_prompts: range, params: "SAETrainPar
     if params.b_dec_init == "mean":
         sae.b_dec.data = training_mean(cache, train_prompts)
     cfg = SAETrainerConfig(total_training_samples=params.n_tokens, train_batch_size_samples=params.batch_size,
-                           lr=params.lr, lr_end=params.lr, n_checkpoints=params.n_checkpoints if checkpoint_dir else 0,
+                           lr=params.lr, lr_end=params.lr, n_checkpoints=params.n_checkpoints if checkpoints else 0,
                            logger=LoggingConfig(log_to_wandb=False))
     trainer_cls = _trainer_class()
     # the data provider is attached after a possible restore, so it can skip the batches already seen
     trainer = trainer_cls(cfg=cfg, sae=sae, data_provider=iter(()))
-    trainer.checkpoint_dir = checkpoint_dir
-    found = latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
+    trainer.checkpoints = checkpoints
+    found = checkpoints[0].latest_checkpoint(checkpoints[1]) if checkpoints else None
     if found is not None:
         restore_checkpoint(trainer, found)
         trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples]
@@ -156,17 +146,17 @@ def train_sae(cache: ActivationCache, train_prompts: range, params: "SAETrainPar
     return trainer.fit(), (found is not None)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SAETrainParams:
     layer: int = 0
-    architecture: str = "standard"
+    architecture: Literal["standard", "topk", "jumprelu"] = "standard"
     expansion_factor: int = 8
     sparsity_coefficient: float | None = None  # L1 (standard, default 5) or L0 (jumprelu, default 1); not for topk
     k: int | None = None  # topk only (default 32)
     n_tokens: int = 200_000
     batch_size: int = 1024
     lr: float = 1e-3
-    b_dec_init: str = "mean"  # "mean" of the training activations, or "zeros" (SAELens's own init)
+    b_dec_init: Literal["mean", "zeros"] = "mean"  # "mean" of the training activations, or "zeros" (SAELens's own init)
     seed: int = 0
     eval_prompts: int = 32  # the task's last prompts, held out of training
     n_checkpoints: int = 4
@@ -176,20 +166,18 @@ class SAETrainParams:
         """Checks that need no model, so a bad job file fails before anything runs; fills the
         architecture's sparsity default (the store keys on the filled value)."""
         arch = self.architecture
-        if arch not in ARCHITECTURES:
-            raise WorkbenchError(f"unknown architecture '{arch}'; choose one of {', '.join(ARCHITECTURES)}")
+        if self.layer < 0:
+            raise WorkbenchError(f"layer = {self.layer} must be a layer index (0 or more)")
         if arch == "topk" and self.sparsity_coefficient is not None:
             raise WorkbenchError("topk SAEs set sparsity with k, not sparsity_coefficient; drop sparsity_coefficient")
         if arch != "topk" and self.k is not None:
             raise WorkbenchError(f"k applies to topk SAEs only; a {arch} SAE sets sparsity with sparsity_coefficient")
-        if self.b_dec_init not in ("mean", "zeros"):
-            raise WorkbenchError(f"b_dec_init must be 'mean' or 'zeros', not '{self.b_dec_init}'")
         if self.expansion_factor < 1 or self.batch_size < 1 or self.n_tokens < self.batch_size:
             raise WorkbenchError("expansion_factor must be >= 1 and n_tokens >= batch_size >= 1")
         if arch == "topk" and self.k is None:
-            self.k = 32
+            object.__setattr__(self, "k", 32)
         if arch != "topk" and self.sparsity_coefficient is None:
-            self.sparsity_coefficient = DEFAULT_SPARSITY[arch]
+            object.__setattr__(self, "sparsity_coefficient", DEFAULT_SPARSITY[arch])
 
 
 def check_params(params: SAETrainParams, model, task) -> None:
@@ -207,13 +195,13 @@ def check_params(params: SAETrainParams, model, task) -> None:
 
 @register("sae.train", SAETrainParams,
           "train an attention-output SAE on one layer's hook_z from the activation cache (SAELens trainer), "
-          "evaluate it and find its features' top examples", version=2, uses_store=True)
+          "evaluate it and find its features' top examples", TRAINED_SAE, version=2,
+          task="corpus", task_params={"n_prompts": 256, "seq_len": 128})
 def sae_train(model, task, params: SAETrainParams, ctx) -> Result:
     check_params(params, model, task)
     cache = cache_activations(ctx.store, model, task, params.layer)
     n_train = len(task) - params.eval_prompts
-    checkpoints = ctx.store.root / "checkpoints" / ctx.key
-    trained, resumed = train_sae(cache, range(n_train), params, params.expansion_factor * cache.d_in, checkpoints)
+    trained, resumed = train_sae(cache, range(n_train), params, params.expansion_factor * cache.d_in, (ctx.store, ctx.key))
     sae = to_inference(trained, params.layer, model.identity.name)
     metrics = evaluate(model, task, params.layer, sae, range(n_train, len(task)))
     features = feature_pass(sae, model, cache, range(n_train), params.n_top_examples)
@@ -222,5 +210,4 @@ def sae_train(model, task, params: SAETrainParams, ctx) -> Result:
                          int(sum(len(p) for p in task.clean[:n_train])), "resumed_from_checkpoint": resumed,
                          "token_strings": features.token_strings},
                         extra_tensors=features.tensors, extra_frames=[features.frame])
-    shutil.rmtree(checkpoints, ignore_errors=True)
     return result

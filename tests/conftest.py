@@ -65,11 +65,28 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
-def embedded_store(tmp_path_factory):
-    """One store for the tests that run the embedded model's standard analyses (the demo, the
-    notebooks): what one computed, the next finds stored, as a user's store would. It is how the
-    suite keeps the embedded model's patching sweeps to one run each."""
-    return tmp_path_factory.mktemp("embedded") / "store"
+def demo_store(tmp_path_factory):
+    """A store filled by `workbench demo --no-serve` once per session, whichever test asks first:
+    the demo test checks what it printed, and the notebooks read the embedded model's standard
+    analyses from it as a user's notebook meets their store (so no test depends on test order)."""
+    import subprocess
+
+    store = tmp_path_factory.mktemp("embedded") / "store"
+    proc = subprocess.run([WORKBENCH, "demo", "--no-serve", "--store", str(store)], capture_output=True, text=True,
+                          timeout=3000)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return store, proc
+
+
+SLOW_FIXTURES = {"smollm2", "demo_store"}
+
+
+def pytest_collection_modifyitems(items):
+    """`slow` = loads the embedded model (directly or through the demo's store): `pytest -m "not slow"`
+    is the fast lane for iteration; `make test` runs everything."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture()

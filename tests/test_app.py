@@ -191,7 +191,7 @@ def test_circuit_draws_nodes_above_the_threshold_and_path_patching_edges(populat
     fig = figures(at)[0]
     edges = [t for t in fig["data"] if t.get("mode") == "lines"]
     assert len(edges) == len(senders) and all(t["text"].split(" -> ")[0] in senders for t in edges)
-    assert "path patching" in at.caption[0].value
+    assert "stored edge effects" in at.caption[0].value  # found by the declared edge schema, not by method name
 
 
 def test_prompt_explorer_runs_a_prompt_and_stores_the_results(populated, monkeypatch, toy):
@@ -269,3 +269,40 @@ def test_real_browser_renders_the_head_atlas_and_a_head_page(populated, tmp_path
         assert not exceptions(head)
         head.screenshot(path=str(tmp_path / "head.png"), full_page=True)
     assert (tmp_path / "atlas.png").stat().st_size > 10_000 and (tmp_path / "head.png").stat().st_size > 10_000
+
+
+def test_a_new_per_head_method_reaches_the_atlas_and_head_page_by_its_declaration(tmp_path, monkeypatch, toy):
+    """A method registered outside app/ with one declared per-head metric: the atlas maps it and the
+    head page ranks it, with no change to the app."""
+    from dataclasses import dataclass
+
+    import pandas as pd
+
+    from workbench.methods import _METHODS, Metric, Outputs, register
+    from workbench.result import Result
+
+    @dataclass(frozen=True)
+    class Params:
+        offset: float = 0.0
+
+    @register("test.head_code", Params, "layer * 10 + head", Outputs((Metric("head_code", "layer * 10 + head"),)))
+    def head_code(model, task, params, ctx):
+        rows = [dict(component="head", layer=lyr, head=h, metric="head_code", value=lyr * 10 + h + params.offset)
+                for lyr in range(model.n_layers) for h in range(model.n_heads)]
+        return Result(pd.DataFrame(rows))
+
+    try:
+        store = Store(tmp_path / "s")
+        run_method(toy, build_task(toy, "induction", {"n_prompts": 2, "seq_len": 4}), "test.head_code", {}, store)
+        monkeypatch.setenv("WORKBENCH_HOME", str(store.root))
+        at = app(store, "head_atlas")
+        assert not at.exception
+        maps = [f for f in figures(at) if f["data"][0]["type"] == "heatmap" and f["layout"]["title"]["text"] == "head_code"]
+        expected = np.array([[lyr * 10 + h for h in range(toy.n_heads)] for lyr in range(toy.n_layers)], dtype=float)
+        assert len(maps) == 1 and np.allclose(array(maps[0]["data"][0]["z"]), expected)
+        page = app(store, "head_detail", model=toy.name, head="L1H2")
+        scores = page.dataframe[0].value
+        row = scores[scores["metric"] == "head_code"]
+        assert row["value"].item() == 12 and row["rank"].item() == 1 + sum(v > 12 for v in expected.flatten())
+    finally:
+        _METHODS.pop("test.head_code")

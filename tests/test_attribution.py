@@ -53,23 +53,25 @@ def test_source_attribution_sums_to_the_head_dla(smollm2):
     for (layer, h), total in src.groupby(["layer", "head"]):
         by_prompt = total.groupby("prompt")["value"].sum().to_numpy()
         assert by_prompt == pytest.approx(heads[:, layer, h].numpy(), abs=1e-4)
-    assert set(src["position"]) == set(range(max(len(c) for c in task.clean)))
+    assert set(src["src_position"]) == set(range(max(len(c) for c in task.clean)))
 
 
 def test_logit_lens_matches_stopping_the_model_early(smollm2, store):
     task = build_task(smollm2, "ioi", {"n_prompts": 3})
     result = run_method(smollm2, task, "attribution.logit_lens", {}, store)
     lens = result.metric("logit_lens_logit_diff")
-    lens = lens[lens["prompt"].isna()].set_index("layer")["value"]
+    lens = lens[lens["prompt"].isna()].set_index(["layer", "hook"])["value"]
+    last_layer = smollm2.n_layers - 1
+    assert lens.index.get_level_values("layer").max() == last_layer  # no layer number past the model's last
     tokens, lengths = task.tokens()
     tl = smollm2.tl
     with torch.no_grad():
-        for layer in (0, 12, smollm2.n_layers):
-            resid = tl(tokens, stop_at_layer=layer) if layer < smollm2.n_layers else None
+        for layer, hook in ((0, "resid_pre"), (12, "resid_pre"), (last_layer, "resid_post")):
+            resid = tl(tokens, stop_at_layer=layer) if hook == "resid_pre" else None
             logits = tl.unembed(tl.ln_final(resid)) if resid is not None else tl(tokens)
             last = logits[torch.arange(len(task)), lengths - 1]
             diff = (last[torch.arange(len(task)), task.answer_ids()] - last[torch.arange(len(task)), task.wrong_ids()]).mean()
-            assert lens[layer] == pytest.approx(diff.item(), abs=1e-3)
+            assert lens[(layer, hook)] == pytest.approx(diff.item(), abs=1e-3)
     assert result.tensors["top_tokens"].shape == (smollm2.n_layers + 1, 3, 5)
 
 

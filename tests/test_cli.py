@@ -104,6 +104,13 @@ def test_mismatched_prompt_pair_fails_before_any_run_is_written(tmp_path, toy_di
         ('[[run]]\nmethod = "logit_diff"\nparams = { batch = 3 }\n', "has no parameter(s) ['batch']"),
         ('[[run]]\nmethod = "logit_diff"\ntask = "ioi"\ntask_params = { n_prompts = "x" }\n', "should be int"),
         ('[runs]\nmethod = "logit_diff"\n', "unknown top-level key(s) ['runs']"),
+        ('[[run]]\nmethod = "patching.attn_head"\nparams = { metric = "accuracy" }\n', "'metric' = 'accuracy' should be one of"),
+        ('[[run]]\nmethod = "patching.resid"\nparams = { direction = "sideways" }\n', "should be one of 'denoise', 'noise'"),
+        ('[[run]]\nmethod = "patching.attn_head"\nparams = { chunk_tokens = 0 }\n', "chunk_tokens = 0 must be at least 1"),
+        ('[[run]]\nmethod = "heads.ablation"\nparams = { heads = ["head5"] }\n', "'head5' is not a head name"),
+        ('[[run]]\nmethod = "retrieval.masking"\ntask = "needle"\nparams = { ks = [0, 5] }\n', "must be head counts"),
+        ('[[run]]\nmethod = "heads.sinks"\nparams = { threshold = 1.5 }\n', "give a value in (0, 1)"),
+        ('[[run]]\nmethod = "sae.dfa"\nparams = { sae = { method = "logit_diff" } }\n', "holds no SAE"),
     ],
 )
 def test_invalid_runs_are_refused(tmp_path, body, fragment):
@@ -111,6 +118,48 @@ def test_invalid_runs_are_refused(tmp_path, body, fragment):
     job.write_text(body)
     assert_user_error(wb("run", job, store=tmp_path / "store"), fragment)
     assert snapshot(tmp_path / "store") is None
+
+
+def test_a_job_file_that_is_not_text_is_refused(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_bytes(b"\xff\xfe[[run]]\x00\x81")
+    assert_user_error(wb("run", job, store=tmp_path / "store"), "is not UTF-8 text")
+    assert snapshot(tmp_path / "store") is None
+
+
+def test_export_into_a_missing_folder_is_refused(tmp_path, grid_job):
+    store = tmp_path / "store"
+    run_id = wb("run", grid_job, store=store).stdout.split()[0]
+    before = snapshot(store)
+    assert_user_error(wb("export", run_id, "--format", "csv", "--out", tmp_path / "no" / "such" / "s.csv", store=store),
+                      "does not exist")
+    assert not (tmp_path / "no").exists() and snapshot(store) == before
+
+
+def test_a_damaged_catalog_is_rebuilt_and_an_old_store_refused(tmp_path, grid_job):
+    store = tmp_path / "store"
+    ids = sorted(line.split()[0] for line in wb("run", grid_job, store=store).stdout.splitlines())
+    for f in store.glob("catalog.sqlite*"):
+        f.unlink()
+    (store / "catalog.sqlite").write_bytes(b"garbage" * 500)
+    listed = wb("ls", store=store)
+    assert listed.returncode == 0 and sorted(line.split()[0] for line in listed.stdout.splitlines()) == ids
+    (store / "store.json").unlink()  # what a format-1 store looks like
+    before = snapshot(store)
+    assert_user_error(wb("ls", store=store), "has format 1")
+    assert_user_error(wb("run", grid_job, store=store), "has format 1")
+    assert snapshot(store) == before
+
+
+def test_gc_reports_what_it_removed(tmp_path, grid_job):
+    store = tmp_path / "store"
+    wb("run", grid_job, store=store)
+    leftover = store / "tmp" / f"{2**22 + 12345}-{'0' * 32}"  # a pid above Linux's pid_max: no such process
+    leftover.mkdir(parents=True)
+    (leftover / "part").write_bytes(b"x" * 4096)
+    proc = wb("gc", store=store)
+    assert proc.returncode == 0 and "removed 1 staging folders" in proc.stderr and not leftover.exists()
+    assert len(wb("ls", store=store).stdout.splitlines()) == 2
 
 
 def test_listing_commands_put_the_name_first():
@@ -125,10 +174,8 @@ def test_unknown_run_id_and_bad_executor(tmp_path, grid_job):
     assert_user_error(wb("run", grid_job, "--executor", "ray", store=tmp_path / "s"), "unknown executor 'ray'")
 
 
-def test_demo_computes_then_finds_everything_in_the_store(embedded_store):
-    store = embedded_store
-    first = wb("demo", "--no-serve", store=store)
-    assert first.returncode == 0, first.stderr
+def test_demo_computes_then_finds_everything_in_the_store(demo_store):
+    store, first = demo_store
     assert "ioi: mean logit diff clean" in first.stdout and "corpus sae.train: layer 15, 2304 features, L0 24.0" in first.stdout
     second = wb("demo", "--no-serve", store=store)
     assert second.returncode == 0 and " computed " not in second.stdout and " cached " in second.stdout

@@ -2,6 +2,8 @@
 TransformerLens's head detector, direct computations from cached patterns, plain hook
 references, and a hand-wired model whose previous-token and induction heads are known."""
 
+import tempfile
+
 import pytest
 import torch
 from transformer_lens.head_detector import (
@@ -15,7 +17,8 @@ from transformer_lens.head_detector import (
 from conftest import make_toy_tl
 from toy_circuits import make_induction_toy
 from workbench.errors import WorkbenchError
-from workbench.methods import get_method
+from workbench.runner import run_method
+from workbench.store import Store
 from workbench.models import from_hooked_transformer
 from workbench.tasks import build_task
 from workbench.tasks.base import Task
@@ -26,8 +29,8 @@ TL_PATTERNS = {"previous_token": get_previous_token_head_detection_pattern,
 
 
 def run(method, model, task, **params):
-    m = get_method(method)
-    return m.fn(model, task, m.parse(params))
+    """Through the runner, into a fresh store."""
+    return run_method(model, task, method, params, Store(tempfile.mkdtemp()))
 
 
 def head_grid(result, metric, model):
@@ -206,7 +209,7 @@ def test_ablation_equals_a_plain_hooked_forward(random_toy, ablation):
 
 def test_bad_head_score_parameters_are_refused(random_toy):
     task = mixed_task()
-    with pytest.raises(WorkbenchError, match="unknown ablation"):
+    with pytest.raises(WorkbenchError, match="should be one of 'zero', 'mean', 'resample'"):
         run("heads.ablation", random_toy, task, ablation="shuffle")
     with pytest.raises(WorkbenchError, match="threshold"):
         run("heads.sinks", random_toy, task, threshold=3)

@@ -9,7 +9,7 @@ def manual_logit_diffs(model, seqs, answers, wrongs):
     out = []
     with torch.no_grad():
         for s, a, w in zip(seqs, answers, wrongs):
-            last = model(torch.tensor([s]))[0, -1]
+            last = model.tl(torch.tensor([s]))[0, -1]
             out.append((last[a] - last[w]).item())
     return out
 

@@ -12,7 +12,7 @@ from workbench.models import ModelSpec, from_hooked_transformer, load_model, sav
 def top_token(model, text):
     ids = torch.tensor([model.to_tokens(text)])
     with torch.no_grad():
-        return model.decode([model(ids)[0, -1].argmax()])
+        return model.decode([model.tl(ids)[0, -1].argmax()])
 
 
 def test_embedded_model_answers_ioi_and_a_fact(smollm2):
@@ -30,14 +30,14 @@ def test_embedded_model_matches_huggingface_logprobs(smollm2):
     """The processed TransformerLens model must give the GGUF model's own log-probs."""
     from transformers import AutoModelForCausalLM
 
-    from workbench.models import SMOLLM2_GGUF, _smollm2_gguf
+    from workbench.models.gguf import SMOLLM2_GGUF, smollm2_gguf
 
-    gguf = _smollm2_gguf()
+    gguf = smollm2_gguf()
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     text = "Alice opened the door and saw that the garden was full of"
     ids = torch.tensor([smollm2.to_tokens(text)])
     with torch.no_grad():
-        ours = smollm2(ids).log_softmax(-1)
+        ours = smollm2.tl(ids).log_softmax(-1)
         theirs = hf(ids).logits.log_softmax(-1)
     assert (ours - theirs).abs().max().item() < 1e-3
 
@@ -68,7 +68,7 @@ def test_toy_dir_roundtrip_gives_identical_logits(tmp_path):
     model = load_model(str(path))
     tokens = torch.randint(0, 50, (2, 10))
     with torch.no_grad():
-        assert torch.allclose(model(tokens), tl(tokens), atol=1e-6)
+        assert torch.allclose(model.tl(tokens), tl(tokens), atol=1e-6)
     assert model.identity.source == "tl-dir"
     assert (model.n_layers, model.n_heads, model.d_head) == (2, 4, 8)
 
@@ -105,7 +105,7 @@ def test_plain_toy_dir_without_workbench_metadata_loads(tmp_path):
     model = load_model(str(d))
     tokens = torch.randint(0, 50, (1, 12))
     with torch.no_grad():
-        assert torch.allclose(model(tokens), tl(tokens), atol=1e-6)
+        assert torch.allclose(model.tl(tokens), tl(tokens), atol=1e-6)
 
 
 def test_weights_hash_changes_with_any_weight():
@@ -158,5 +158,5 @@ def test_local_huggingface_directory_loads_with_grouped_query_attention(tmp_path
     assert model.identity.source == "hf-dir"
     tokens = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
-        diff = model(tokens).log_softmax(-1) - hf(tokens).logits.log_softmax(-1)
+        diff = model.tl(tokens).log_softmax(-1) - hf(tokens).logits.log_softmax(-1)
     assert diff.abs().max().item() < 1e-4

@@ -111,7 +111,7 @@ def test_mixed_length_prompts_patch_per_position(smollm2):
     tokens = run.corrupt_tokens.clone()
     tokens[:, pos] = run.clean_tokens[:, pos]
     with torch.no_grad():
-        logits = smollm2(tokens)
+        logits = smollm2.tl(tokens)
     rows = torch.arange(len(task))
     last = logits[rows, run.final_idx]
     expected = (last[rows, task.answer_ids()] - last[rows, task.wrong_ids()]).mean()
@@ -127,7 +127,7 @@ def test_head_sweep_method_frame_and_bad_input(smollm2, store, toy):
     assert set(kv.scores["head_kind"]) == {"kv"}
     with pytest.raises(WorkbenchError, match="outside the model"):
         run_method(smollm2, task, "patching.attn_head", {"activation": "v", "heads": ["L3H5"]}, store)  # 3 KV heads
-    with pytest.raises(WorkbenchError, match="unknown metric"):
+    with pytest.raises(WorkbenchError, match="should be one of .logit_diff., .prob."):
         run_method(smollm2, task, "patching.resid", {"metric": "accuracy"}, store)
     toy_task = build_task(toy, "induction", {"n_prompts": 2, "seq_len": 4})
     with pytest.raises(WorkbenchError, match="attention-only"):
@@ -157,7 +157,7 @@ def test_per_query_head_keys_and_values_equal_the_multi_head_twin(by_position):
     task = build_task(gqa, "induction", {"n_prompts": 3, "seq_len": 6})
     tokens, _ = task.tokens()
     with torch.no_grad():
-        assert torch.allclose(gqa(tokens), twin(tokens), atol=1e-5)
+        assert torch.allclose(gqa.tl(tokens), twin.tl(tokens), atol=1e-5)
     for per_query, plain in (("k_per_query", "k"), ("v_per_query", "v")):
         ours = PatchingRun(gqa, task, activations=(per_query,))
         ref = PatchingRun(twin, task, activations=(plain,))

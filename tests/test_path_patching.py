@@ -64,14 +64,19 @@ def test_equals_the_reference_on_the_embedded_model_with_grouped_keys(smollm2):
         assert ours.tolist() == pytest.approx(expected, abs=1e-4)
 
 
-def test_path_method_rows_and_errors(toy, store):
+def test_path_method_writes_one_edge_per_sender_and_receiver(toy, store):
     task = build_task(toy, "induction", {"n_prompts": 3, "seq_len": 5})
-    result = run_method(toy, task, "patching.path", {"receivers": ["L1H0"], "receiver_input": "v"}, store)
+    result = run_method(toy, task, "patching.path", {"receivers": ["L1H0", "L1H2"], "receiver_input": "v"}, store)
     rows = result.metric("path_patch_logit_diff")
-    assert list(rows["src"]) == [f"L0H{h}" for h in range(toy.n_heads)] and set(rows["dst"]) == {"L1H0:v"}
-    with pytest.raises(WorkbenchError, match="not before the first receiver layer"):
+    assert list(zip(rows["src"], rows["dst"])) == [(f"L0H{h}", r) for r in ("L1H0", "L1H2") for h in range(toy.n_heads)]
+    assert set(rows["dst_input"]) == {"v"}
+    run = PathPatchingRun(toy, task, "logit_diff")
+    for r, receiver in ((0, "L1H0"), (2, "L1H2")):  # each edge is the path through that receiver alone
+        alone = run.baselines.normalise(run.run_paths([(0, h) for h in range(toy.n_heads)], [(1, r)], "v"))
+        assert rows[rows["dst"] == receiver]["value"].tolist() == pytest.approx(alone.tolist(), abs=1e-6)
+    with pytest.raises(WorkbenchError, match="no sender comes before receiver L0H1"):
         run_method(toy, task, "patching.path", {"receivers": ["L0H1"], "senders": ["L1H0"]}, store)
-    with pytest.raises(WorkbenchError, match="needs receivers"):
+    with pytest.raises(WorkbenchError, match="needs parameter"):
         run_method(toy, task, "patching.path", {}, store)
-    with pytest.raises(WorkbenchError, match="receiver_input must be"):
+    with pytest.raises(WorkbenchError, match="receiver_input"):
         run_method(toy, task, "patching.path", {"receivers": ["L1H0"], "receiver_input": "z"}, store)

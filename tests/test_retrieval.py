@@ -1,22 +1,25 @@
 """Retrieval-head scoring and the masking check: a hand-wired copying head scores 1 and the others
 0; the KV-cache decode reads the same attention argmax as a full forward; bad input is refused."""
 
+import tempfile
+
 import pytest
 import torch
 
 from conftest import make_toy_tl
 from toy_circuits import make_induction_toy, needle_prompt
 from workbench.errors import WorkbenchError
-from workbench.methods import get_method
 from workbench.models import from_hooked_transformer
+from workbench.runner import run_method
+from workbench.store import Store
 from workbench.tasks import build_task
 from workbench.tasks.base import Task
 from circuits.retrieval import accuracy, greedy_generate, mask_hooks, needle_tests, rouge1_recall, RetrievalParams
 
 
 def run(method, model, task, **params):
-    m = get_method(method)
-    return m.fn(model, task, m.parse(params))
+    """Through the runner, into a fresh store (masking resolves the scores it needs there)."""
+    return run_method(model, task, method, params, Store(tempfile.mkdtemp()))
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +83,18 @@ def test_masking_the_copying_head_breaks_retrieval_and_masking_the_idle_head_doe
     frame = result.metric("needle_accuracy")
     assert frame[frame["masked"] == "none"]["value"].item() == 1.0
     top = frame[frame["masked"] == "retrieval"]
-    assert top["value"].item() == 0.0 and top["heads"].item() == "L1H0"
-    assert set(frame[frame["masked"] == "random"]["heads"]) <= {"L0H0", "L0H1", "L1H1"}
+    assert top["value"].item() == 0.0 and top["heads"].item() == ["L1H0"]
+    assert {h for heads in frame[frame["masked"] == "random"]["heads"] for h in heads} <= {"L0H0", "L0H1", "L1H1"}
+
+
+def test_masking_reads_the_stored_scores_it_needs(wired, tmp_path):
+    task, store = needle_task(), Store(tmp_path / "s")
+    scores = run_method(wired, task, "retrieval.score", {"max_new_tokens": 6}, store)
+    masked = run_method(wired, task, "retrieval.masking", {"max_new_tokens": 6, "ks": [1], "n_random": 1}, store)
+    assert masked.meta["scores_run"] == scores.run_id and masked.meta["spec"]["needs"] == {"scores": scores.meta["key"]}
+    assert len(store.catalog()) == 2  # the scores were read, not computed again
+    other = run_method(wired, task, "retrieval.masking", {"max_new_tokens": 5, "ks": [1], "n_random": 1}, store)
+    assert other.meta["scores_run"] != scores.run_id  # other scoring parameters: other scores, other key
 
 
 def test_rouge1_recall_counts_shared_words_with_multiplicity():
@@ -107,5 +120,5 @@ def test_bad_retrieval_input_is_refused(wired, smollm2):
         build_task(smollm2, "needle", {"context_lengths": [16]})
     with pytest.raises(WorkbenchError, match="longer than the model's context"):
         build_task(smollm2, "needle", {"context_lengths": [9000], "needles": [0], "depths": [0.5]})
-    with pytest.raises(WorkbenchError, match="ks must be"):
+    with pytest.raises(WorkbenchError, match="must be head counts"):
         run("retrieval.masking", wired, needle_task(), ks=[0])

@@ -19,6 +19,7 @@ from workbench.store import Store
 from workbench.tasks import build_task
 
 BASE = {"layer": 1, "expansion_factor": 4, "n_tokens": 40_000, "batch_size": 256, "lr": 1e-3, "eval_prompts": 8}
+STANDARD = {"method": "sae.train", "params": {**BASE, "sparsity_coefficient": 1.0}}  # the SAE the analyses read, by spec
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +118,8 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_weights(toy_and_ta
     store = Store(tmp_path / "b")
     original = training.save_checkpoint
 
-    def save_then_die(trainer, root):
-        original(trainer, root)
+    def save_then_die(trainer, store, key):
+        original(trainer, store, key)
         raise KeyboardInterrupt  # the process is killed right after the first checkpoint
 
     monkeypatch.setattr(training, "save_checkpoint", save_then_die)
@@ -205,7 +206,7 @@ def test_top_examples_histograms_and_logit_effects_match_a_direct_computation(to
 
 def test_feature_activations_on_prompts_equal_encoding_hook_z(toy_and_task, sae_store, standard):
     toy, task = toy_and_task
-    result = run_method(toy, task, "sae.activations", {"sae": standard.run_id}, sae_store)
+    result = run_method(toy, task, "sae.activations", {"sae": STANDARD}, sae_store)
     rows = result.scores[result.scores["prompt"] == 5]
     sae = load_sae(standard)
     acts = sae.encode(hook_z(toy, task.clean[5])).detach()
@@ -216,7 +217,7 @@ def test_feature_activations_on_prompts_equal_encoding_hook_z(toy_and_task, sae_
 
 def test_direct_feature_attribution_sums_to_each_features_preactivation(toy_and_task, sae_store, standard):
     toy, task = toy_and_task
-    result = run_method(toy, task, "sae.dfa", {"sae": standard.run_id, "n_features": 5}, sae_store)
+    result = run_method(toy, task, "sae.dfa", {"sae": STANDARD, "n_features": 5}, sae_store)
     s = result.scores
     key = ["prompt", "feature"]
     act = s[s.metric == "feature_activation"].set_index(key)["value"]
@@ -230,7 +231,7 @@ def test_direct_feature_attribution_sums_to_each_features_preactivation(toy_and_
     constant = (sae.b_enc - sae.b_dec @ sae.W_enc).detach()
     total = per_head.groupby(key).sum() + [float(constant[f]) for f in per_head.groupby(key).sum().index.get_level_values(1)]
     assert (total - pre.loc[total.index]).abs().max() < 1e-4
-    one = run_method(toy, task, "sae.dfa", {"sae": standard.run_id, "heads": ["L1H2"], "n_features": 5}, sae_store).scores
+    one = run_method(toy, task, "sae.dfa", {"sae": STANDARD, "heads": ["L1H2"], "n_features": 5}, sae_store).scores
     assert set(one.dropna(subset=["head"])["head"]) == {2}
 
 
@@ -257,14 +258,14 @@ def test_a_pretrained_saelens_directory_loads_and_is_checked(toy_and_task, sae_s
 def test_bad_sae_input_is_refused_and_writes_nothing(toy_and_task, tmp_path, standard):
     toy, task = toy_and_task
     store = Store(tmp_path / "empty")
-    bad = [({"layer": 5}, "outside the model"), ({"architecture": "gated"}, "unknown architecture"),
+    bad = [({"layer": 5}, "outside the model"), ({"architecture": "gated"}, "should be one of 'standard', 'topk', 'jumprelu'"),
            ({"architecture": "topk", "sparsity_coefficient": 1.0}, "set sparsity with k"),
            ({"k": 8}, "k applies to topk"), ({"eval_prompts": 64}, "eval_prompts"), ({"batch_size": 4096, "n_tokens": 8192}, "too small")]
     for params, message in bad:
         with pytest.raises(WorkbenchError, match=message):
             run_method(toy, task, "sae.train", {**BASE, **params}, store)
-    with pytest.raises(WorkbenchError, match="give sae"):
-        run_method(toy, task, "sae.dfa", {}, store)
+    with pytest.raises(WorkbenchError, match="holds no SAE"):
+        run_method(toy, task, "sae.dfa", {"sae": {"method": "logit_diff"}}, store)
     # parameter-only mistakes fail when a job file is read, before any run of it computes
     job = {"run": [{"model": "smollm2-135m", "task": "corpus", "method": "sae.train", "params": {"k": 8}}]}
     with pytest.raises(WorkbenchError, match="k applies to topk"):
@@ -272,10 +273,14 @@ def test_bad_sae_input_is_refused_and_writes_nothing(toy_and_task, tmp_path, sta
     assert not store.root.exists() or (store.catalog().empty and not (store.root / "activations").exists())
 
 
-def test_an_sae_run_id_must_name_an_sae(toy_and_task, sae_store, standard):
+def test_the_sae_is_named_by_spec_and_read_from_the_store(toy_and_task, sae_store, standard):
     toy, task = toy_and_task
-    other = run_method(toy, task, "logit_diff", {}, sae_store)
-    with pytest.raises(WorkbenchError, match="is not an SAE"):
-        run_method(toy, task, "sae.dfa", {"sae": other.run_id}, sae_store)
+    result = run_method(toy, task, "sae.dfa", {"sae": STANDARD, "n_features": 5}, sae_store)
+    assert result.meta["sae_run"] == standard.run_id  # the stored SAE, not a new one
+    assert result.meta["spec"]["needs"] == {"sae": standard.meta["key"]}  # its key is part of this run's key
+    for bad, message in (({"method": "logit_diff"}, "holds no SAE"), ("0123abcd", "should be a table"),
+                         ({"method": "sae.train", "params": {"k": 8}}, "k applies to topk")):
+        with pytest.raises(WorkbenchError, match=message):
+            run_method(toy, task, "sae.dfa", {"sae": bad}, sae_store)
     with pytest.raises(WorkbenchError, match="L1H0..L1H3"):
-        run_method(toy, task, "sae.dfa", {"sae": standard.run_id, "heads": ["L0H1"]}, sae_store)
+        run_method(toy, task, "sae.dfa", {"sae": STANDARD, "heads": ["L0H1"]}, sae_store)

@@ -72,7 +72,7 @@ def test_other_failures_are_recorded_as_failed(store):
 
 def test_corrupted_entry_gives_a_clear_error(store):
     key = store.put(spec(2), result(2))
-    (store.run_dir(key) / "scores.parquet").write_bytes(b"not parquet")
+    (store.root / "runs" / key[:2] / key / "scores.parquet").write_bytes(b"not parquet")
     with pytest.raises(WorkbenchError, match="is corrupted"):
         store.get(key[:16])
 
@@ -83,6 +83,51 @@ def test_catalog_is_rebuilt_from_the_runs_when_lost(store):
     for extra in ("catalog.sqlite-wal", "catalog.sqlite-shm"):
         store.root.joinpath(extra).unlink(missing_ok=True)
     assert set(store.catalog()["run_id"]) == {k[:16] for k in keys}
+
+
+def test_a_damaged_catalog_is_rebuilt_from_the_runs(store):
+    keys = {store.put(spec(i), result(i)) for i in range(3)}
+    for extra in ("catalog.sqlite-wal", "catalog.sqlite-shm"):
+        store.root.joinpath(extra).unlink(missing_ok=True)
+    store.root.joinpath("catalog.sqlite").write_bytes(b"this is not a database" * 100)
+    assert set(store.catalog()["run_id"]) == {k[:16] for k in keys}
+    assert len(Store(store.root).catalog()) == 3  # the rebuilt catalog is a working one
+
+
+def test_a_store_of_another_format_is_refused_before_anything_is_written(tmp_path):
+    old = tmp_path / "old"
+    (old / "runs" / "ab").mkdir(parents=True)  # format 1 had runs/ and no store.json
+    for call in (lambda s: s.catalog(), lambda s: s.put(spec(1), result(1)), lambda s: s.has("ab" * 32)):
+        with pytest.raises(WorkbenchError, match="format 1"):
+            call(Store(old))
+    assert sorted(p.name for p in old.iterdir()) == ["runs"]
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    (newer / "store.json").write_text('{"format": 99}')
+    with pytest.raises(WorkbenchError, match="format 99"):
+        Store(newer).catalog()
+
+
+def test_gc_removes_what_dead_writers_left_and_keeps_live_work(store):
+    stored = store.put(spec(1), result(1))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    leftovers = [store.root / "tmp" / f"{dead_pid}-{'a' * 32}", store.root / "tmp" / f"{os.getpid()}-{'b' * 32}"]
+    for d in leftovers:
+        d.mkdir(parents=True)
+        (d / "part.bin").write_bytes(b"x" * 1000)
+    store.save_checkpoint(stored, 5, lambda d: (d / "state.json").write_text("{}"))  # its run is stored: stale
+    unfinished = "c" * 64
+    store.save_checkpoint(unfinished, 7, lambda d: (d / "state.json").write_text("{}"))  # resumable: kept
+    (store.root / "locks" / "orphan.lock").write_text("")
+    found = store.gc()
+    assert found["staging"] == 1 and found["checkpoints"] == 1 and found["kept_resumable"] == 1
+    assert found["locks"] >= 1 and found["bytes"] >= 1000
+    assert not leftovers[0].exists() and leftovers[1].exists()  # a live writer's staging folder stays
+    assert store.latest_checkpoint(unfinished).name == "step_000000007"
+    assert store.latest_checkpoint(stored) is None and not (store.root / "locks" / "orphan.lock").exists()
+    assert store.gc(resumable=True)["checkpoints"] == 1 and store.latest_checkpoint(unfinished) is None
+    assert len(store.get(stored[:16]).scores) == 2000  # the stored run itself is untouched
 
 
 def test_filters_and_delete(store):
@@ -115,7 +160,7 @@ def test_killing_a_writer_never_leaves_a_partial_result(tmp_path):
     on_disk = {d.name[:16] for shard in (store.root / "runs").iterdir() for d in shard.iterdir()}
     assert on_disk == set(runs["run_id"])  # every run directory is a listed, loadable result
     # the kills did land mid-write (staging directories were left behind), and are cleaned up
-    assert store.clean_tmp() > 0
+    assert store.gc()["staging"] > 0
     assert list((store.root / "tmp").iterdir()) == []
 
 

@@ -75,9 +75,9 @@ def test_jsonl_task_with_mixed_lengths_reads_each_prompt_at_its_last_token(smoll
     task = build_task(smollm2, task_file=str(f))
     tokens, lengths = task.tokens()
     with torch.no_grad():
-        padded = logit_diff(smollm2(tokens), lengths, task.answer_ids(), task.wrong_ids())
+        padded = logit_diff(smollm2.tl(tokens), lengths, task.answer_ids(), task.wrong_ids())
         for i, c in enumerate(task.clean):
-            alone = smollm2(torch.tensor([c]))[0, -1]
+            alone = smollm2.tl(torch.tensor([c]))[0, -1]
             assert padded[i].item() == pytest.approx((alone[task.answers[i]] - alone[task.wrongs[i]]).item(), abs=1e-4)
 
 

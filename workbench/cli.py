@@ -36,21 +36,22 @@ def _progress() -> Progress:
 
 
 def _run_job(job: Path, store_dir: Optional[Path], executor: str) -> list:
-    from workbench.jobs import EXECUTORS, execute, load_job, plan
+    from workbench.jobs import EXECUTORS, execute, load_job, prepare
 
     runs = load_job(job)
     if executor not in EXECUTORS:
         raise WorkbenchError(f"unknown executor '{executor}'; available: {', '.join(EXECUTORS)}")
     store = _store(store_dir)
+    store.catalog_rows()  # a store of another format is refused before anything runs
     with err.status(f"preparing {len(runs)} runs (models, tasks)"):
-        planned = plan(runs)
+        prepare(runs)
     with _progress() as bar:
-        task_id = bar.add_task("runs", total=len(planned))
+        task_id = bar.add_task("runs", total=len(runs))
 
         def report(i: int, n: int, label: str) -> None:
             bar.update(task_id, completed=i, description=label[:70])
 
-        outcomes = execute(planned, store, executor, progress=report)
+        outcomes = execute(runs, store, executor, progress=report)
     for o in outcomes:
         out.print(f"{o.run_id}  {'cached  ' if o.cached else 'computed'}  {o.spec.label()}")
     computed = sum(not o.cached for o in outcomes)
@@ -73,23 +74,24 @@ def ls(store: Optional[Path] = StoreOpt,
        method: Optional[str] = typer.Option(None, help="Only runs of this method."),
        status: Optional[str] = typer.Option(None, help="done, running, failed or interrupted.")):
     """List runs, one a line, starting with the run id."""
-    frame = _store(store).catalog(model=model, task=task, method=method, status=status)
-    if frame.empty:
+    rows = _store(store).catalog_rows(model=model, task=task, method=method, status=status)
+    if not rows:
         err.print(f"no runs in {_store(store).root}; try `workbench demo --no-serve` or `workbench run JOB.toml`")
         return
-    for r in frame.itertuples():
-        out.print(f"{r.run_id}  {r.status:<11} {r.model}  {r.task} {r.task_params}  {r.method} {r.params}")
+    for r in rows:
+        out.print(f"{r['run_id']}  {r['status']:<11} {r['model']}  {r['task']} {r['task_params']}  {r['method']} {r['params']}")
 
 
 @app.command()
 def show(run_id: str, store: Optional[Path] = StoreOpt,
          rows: int = typer.Option(20, help="How many score rows to print.")):
     """Print a run's metadata and its first score rows."""
-    result = _store(store).get(run_id)
-    spec = result.meta["spec"]
-    out.print(f"run {result.run_id}: {spec['method']} on {spec['task']['name']} with {spec['model']['name']} "
-              f"(params {spec['params']}, {result.meta.get('duration_s') or 0:.2f} s)")
-    out.print(result.scores.head(rows).to_string(index=False))
+    s = _store(store)
+    meta = s.meta(run_id)
+    spec = meta["spec"]
+    out.print(f"run {meta['run_id']}: {spec['method']} on {spec['task']['name']} with {spec['model']['name']} "
+              f"(params {spec['params']}, {meta.get('duration_s') or 0:.2f} s)")
+    out.print(_text_table(s.score_table(run_id).slice(0, rows)), markup=False)
 
 
 @app.command()
@@ -98,12 +100,44 @@ def export(run_id: str, format: str = typer.Option("parquet", "--format", help="
     """Write a run's score frame to a Parquet or CSV file."""
     if format not in ("parquet", "csv"):
         raise WorkbenchError(f"unknown export format '{format}'; use parquet or csv")
-    result = _store(store).get(run_id)
+    if not out_file.parent.is_dir():
+        raise WorkbenchError(f"folder {out_file.parent} does not exist; create it or give --out a path in an existing folder")
+    if out_file.is_dir():
+        raise WorkbenchError(f"{out_file} is a folder; give --out a file name, e.g. {out_file / 'scores.' + format}")
+    import json
+
+    import pyarrow as pa
+
+    s = _store(store)
+    table = s.score_table(run_id)
     if format == "csv":
-        result.scores.to_csv(out_file, index=False)
+        import pyarrow.csv as pc
+
+        for i, field in enumerate(table.schema):  # list cells (a masking run's heads) as JSON text
+            if pa.types.is_list(field.type):
+                table = table.set_column(i, field.name, pa.array([json.dumps(v) if v is not None else None
+                                                                  for v in table.column(i).to_pylist()], pa.string()))
+        pc.write_csv(table, out_file)
     else:
-        result.scores.to_parquet(out_file, index=False)
-    err.print(f"wrote {len(result.scores)} rows of run {result.run_id} to {out_file}")
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, out_file)
+    err.print(f"wrote {table.num_rows} rows of run {s.meta(run_id)['run_id']} to {out_file}")
+
+
+def _text_table(table) -> str:
+    """Rows of a pyarrow table as aligned text, leaving out columns empty in every shown row."""
+    rows = table.to_pylist()
+    cols = [c for c in table.column_names if any(r[c] is not None for r in rows)]
+
+    def cell(v):
+        return "" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)
+
+    cells = [[cell(r[c]) for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
 
 
 @app.command()
@@ -111,6 +145,18 @@ def rm(run_id: str, store: Optional[Path] = StoreOpt):
     """Delete one run from the store."""
     key = _store(store).delete(run_id)
     err.print(f"deleted run {key[:16]}")
+
+
+@app.command()
+def gc(store: Optional[Path] = StoreOpt,
+       resumable: bool = typer.Option(False, "--resumable", help="Also drop checkpoints of unfinished runs (they cannot resume then).")):
+    """Remove what killed writers left: staging folders, stale checkpoints, locks nobody holds."""
+    s = _store(store)
+    found = s.gc(resumable=resumable)
+    err.print(f"removed {found['staging']} staging folders, {found['checkpoints']} checkpoint folders and {found['locks']} "
+              f"unheld locks ({found['bytes'] / 2**20:.1f} MiB) from {s.root}"
+              + (f"; kept {found['kept_resumable']} checkpoints of unfinished runs (--resumable drops them)"
+                 if found["kept_resumable"] else ""))
 
 
 @app.command()
@@ -131,26 +177,19 @@ def models(all: bool = typer.Option(False, "--all", help="Also list every Huggin
 @app.command()
 def tasks():
     """List task generators with their parameters and defaults."""
-    import dataclasses
+    from workbench.listing import listing
 
-    from workbench.tasks import TASKS
-
-    for name, gen in TASKS.items():
-        params = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(gen.params))
-        out.print(f"{name}  {gen.description}  ({params})")
-    out.print('task_file=FILE.jsonl  your own rows {"clean", "corrupted", "answer", "wrong"}')
+    for line in listing("tasks"):
+        out.print(line, markup=False)
 
 
 @app.command()
 def methods():
-    """List registered methods, one a line, name first."""
-    import dataclasses
+    """List registered methods, one a line, name first, with their natural task and parameters."""
+    from workbench.listing import listing
 
-    from workbench.methods import all_methods
-
-    for name, m in all_methods().items():
-        params = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(m.params))
-        out.print(f"{name}  {m.description}  ({params})")
+    for line in listing("methods"):
+        out.print(line, markup=False)
 
 
 def _serve(store_dir: Optional[Path], host: str, port: int) -> None:
@@ -182,7 +221,7 @@ def demo(store: Optional[Path] = StoreOpt, serve: bool = typer.Option(True, "--s
     root = _store(store).root
     out.print(f"results are in {root}: `workbench ls --store {root}`, `workbench show RUN_ID --store {root}`")
     for o in outcomes:
-        line = _summary(_store(store).get(o.run_id), o.spec.task, o.spec.method)
+        line = _summary(_store(store).get(o.run_id), o.spec.task.label(), o.spec.method)
         if line:
             out.print(line)
     if serve:
@@ -191,7 +230,7 @@ def demo(store: Optional[Path] = StoreOpt, serve: bool = typer.Option(True, "--s
 
 def _summary(result, task: str, method: str) -> str | None:
     """One line a researcher wants first from a demo result."""
-    from workbench.result import head_name
+    from workbench.nodes import head_name
 
     scores = result.scores
     if method == "logit_diff":

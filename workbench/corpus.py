@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import sys
 import sysconfig
-import uuid
 from pathlib import Path
 from typing import Iterator
 
+from workbench.atomic import write_file_atomic
 from workbench.errors import WorkbenchError
 from workbench.paths import cache_dir
 
@@ -87,10 +86,7 @@ def _python_docs() -> list[str]:
 
     with Console(stderr=True).status("collecting the python-docs corpus once (a few seconds)"):
         docs = list(_iter_python_docs())
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(f".{cached.name}.{uuid.uuid4().hex}")
-    tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
-    os.replace(tmp, cached)
+    write_file_atomic(cached, "".join(json.dumps({"text": d}) + "\n" for d in docs))
     return docs
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 
 def workbench_home() -> Path:
     """The default store directory: `WORKBENCH_HOME`, else `~/.workbench`."""
@@ -29,6 +27,8 @@ def configure_threads() -> int:
     torch's default counts every core of the host; on a shared small machine that
     oversubscribes and slows every forward badly, so the count is set deliberately.
     """
+    import torch
+
     requested = os.environ.get("WORKBENCH_THREADS")
     n = int(requested) if requested else len(os.sched_getaffinity(0))
     n = max(1, n)

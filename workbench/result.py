@@ -17,13 +17,8 @@ from workbench.errors import WorkbenchError
 
 SCORE_COLUMNS = ["component", "layer", "head", "position", "metric", "value"]
 COMPONENTS = {"model", "head", "mlp", "resid", "attn", "embed", "bias", "sae_feature", "edge"}
-SCHEMA_VERSION = 1
-INTEGER_EXTRAS = ("feature", "prompt")  # extra columns that index things: never floats
-
-
-def head_name(layer: int, head: int) -> str:
-    """The one spelling of a head everywhere: frames, figures, URLs, logs."""
-    return f"L{int(layer)}H{int(head)}"
+SCHEMA_VERSION = 2  # 2: typed run specs, needs in keys, src_position, edge schema, list columns
+INTEGER_EXTRAS = ("feature", "prompt", "src_position", "k", "draw")  # extra columns that index things: never floats
 
 
 def normalize_scores(frame: pd.DataFrame) -> pd.DataFrame:
@@ -37,6 +32,9 @@ def normalize_scores(frame: pd.DataFrame) -> pd.DataFrame:
     for col in INTEGER_EXTRAS:
         if col in out:
             out[col] = pd.array(out[col], dtype="Int64")
+    for col in out.columns:  # list cells (a masking run's heads) come back from Parquet as arrays
+        if out[col].dtype == object and any(hasattr(v, "tolist") and not isinstance(v, str) for v in out[col]):
+            out[col] = [v.tolist() if hasattr(v, "tolist") else v for v in out[col]]
     out["component"] = out["component"].astype(str)
     out["metric"] = out["metric"].astype(str)
     out["value"] = out["value"].astype("float64")

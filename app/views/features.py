@@ -8,7 +8,7 @@ import streamlit as st
 
 from app import common, data
 from app.figures import feature_histogram_figure, head_attribution_figure, highlighted_tokens_html, logit_effect_figure
-from workbench.result import head_name
+from workbench.nodes import head_name
 
 EXAMPLE_TENSORS = ["example_max", "example_tokens", "example_acts", "example_prompt", "example_position",
                    "activation_histogram", "histogram_edges", "head_attribution",

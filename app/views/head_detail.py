@@ -5,13 +5,12 @@ position, its query-key distance profile and its top features in stored attentio
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import plotly.express as px
 import streamlit as st
 
 from app import common, data
 from app.figures import distance_figure, pattern_figure
-from circuits.heads_spec import HEAD_RE
+from workbench.nodes import HEAD_RE
 
 title = st.empty()  # filled once the head is known, above the pickers
 store, root, model, runs = common.model_page(None)
@@ -42,7 +41,7 @@ else:
 
 # -- attention pattern ----------------------------------------------------------------------
 st.subheader("Attention pattern")
-pattern_runs = runs[runs["method"] == "attention.patterns"]
+pattern_runs = data.with_tensor(runs, "pattern")
 if pattern_runs.empty:
     st.info("No stored attention patterns for this model. Compute them for a task's first prompts on the "
             "Launch page (method `attention.patterns`), or type a prompt in the Prompt explorer.")
@@ -56,25 +55,18 @@ else:
     st.plotly_chart(pattern_figure(pattern, tokens[i], f"{head} on prompt {i}"), width="stretch")
 
 # -- DLA per source position ----------------------------------------------------------------
-sources = runs[runs["method"] == "attribution.head_sources"]
-rows = []
-for r in sources.itertuples():
-    frame = common.run_scores(root, r.run_id)
-    frame = frame[(frame["layer"] == layer) & (frame["head"] == h)]
-    if not frame.empty:
-        rows.append(frame.assign(task=r.task))
+frame = data.source_rows(store, runs, layer, h)
 st.subheader("Direct logit attribution by source position")
-if rows:
-    frame = pd.concat(rows)
-    per_pos = frame.groupby(["task", "position"], as_index=False)["value"].mean()
-    st.plotly_chart(px.bar(per_pos, x="position", y="value", color="task", barmode="group",
+if not frame.empty:
+    per_pos = frame.groupby(["task", "src_position"], as_index=False)["value"].mean()
+    st.plotly_chart(px.bar(per_pos, x="src_position", y="value", color="task", barmode="group",
                            labels={"value": "contribution to the logit difference (mean over prompts)"}),
                     width="stretch")
 else:
     st.info(f"Not stored for {head}: run `attribution.head_sources` with heads = [\"{head}\"] (Launch page).")
 
 # -- distance profile -----------------------------------------------------------------------
-dist = runs[runs["method"] == "heads.distance"]
+dist = data.with_tensor(runs, "distance_hist")
 st.subheader("Query-key distance profile")
 if dist.empty:
     st.info("Not stored: run `heads.distance` on a task (the demo runs it on corpus windows).")

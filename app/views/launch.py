@@ -35,13 +35,13 @@ if go:
     except WorkbenchError as e:
         st.error(str(e))
     else:
-        job = launch(root, text)
+        job = launch(store, text)
         st.success(f"started {job.name}")
 
 
 @st.fragment(run_every=2)
 def jobs_panel() -> None:
-    jobs = sorted((root / "jobs").glob("*.toml"), reverse=True) if (root / "jobs").is_dir() else []
+    jobs = store.job_files()
     if not jobs:
         st.caption("No runs launched from here yet.")
         return

@@ -76,10 +76,11 @@ st.plotly_chart(pattern_figure(pattern[layer, head], tokens, f"L{layer}H{head}")
 
 lens = common.run_scores(root, ids["attribution.logit_lens"])
 lens = lens[lens["prompt"].isna() & (lens["metric"] == "logit_lens_logit_diff")]
-st.plotly_chart(px.line(lens, x="layer", y="value", markers=True, title="Logit lens: logit difference after each layer",
-                        labels={"layer": "residual stream before layer (last = final)", "value": "logit difference"}),
+lens = lens.assign(stage=lens["layer"] + (lens["hook"] == "resid_post").astype(int))
+st.plotly_chart(px.line(lens, x="stage", y="value", markers=True, title="Logit lens: logit difference after each layer",
+                        labels={"stage": "residual stream before layer (last = after the final layer)", "value": "logit difference"}),
                 width="stretch")
-heads = data.head_rows(dla_scores[dla_scores["metric"] == "dla"])
+heads = data.head_rows(dla_scores, ["dla"])
 if not heads.empty:
     grid = heads.pivot_table(index="layer", columns="head", values="value").reindex(index=range(n_layers), columns=range(n_heads))
     st.plotly_chart(head_heatmap(grid, "Direct logit attribution per head"), width="stretch")

@@ -41,7 +41,7 @@ def prompt_task(model, clean: str, corrupted: str | None = None, answer: str | N
     corrupt_ids = _ids(model, corrupted, "corrupted") if corrupted else list(clean_ids)
     if answer is None or wrong is None:
         with torch.no_grad():
-            top2 = model(torch.tensor([clean_ids], device=model.device))[0, -1].topk(2).indices.tolist()
+            top2 = model.tl(torch.tensor([clean_ids], device=model.device))[0, -1].topk(2).indices.tolist()
         answer_id = _answer(model, answer) if answer is not None else top2[0]
         wrong_id = _answer(model, wrong) if wrong is not None else next(t for t in top2 if t != answer_id)
     else:
