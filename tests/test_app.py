@@ -69,6 +69,12 @@ def test_every_page_on_an_empty_store_says_how_to_start(tmp_path, monkeypatch, p
     assert not at.exception
     if page in ("runs", "head_atlas", "head_detail", "circuit", "features"):
         assert "workbench demo" in at.info[0].value
+    elif page == "launch":  # the form offers every registered method
+        from workbench.methods import all_methods
+
+        assert set(at.selectbox[1].options) == set(all_methods())
+    else:  # the prompt explorer asks for a prompt to run
+        assert at.text_area[0].label == "Prompt"
 
 
 def test_runs_page_lists_opens_and_deletes_with_confirmation(tmp_path, monkeypatch, toy):
@@ -96,12 +102,14 @@ def test_head_atlas_maps_every_head_and_ranks_the_table_by_the_stored_values(pop
     at = app(store, "head_atlas")
     assert not at.exception
     maps = [f for f in figures(at) if f["data"][0]["type"] == "heatmap"]
-    assert maps
+    assert maps and maps[0]["layout"]["title"]["text"] == "patch_logit_diff"  # causal effects are mapped first
     for fig in maps:
         z = array(fig["data"][0]["z"])
         assert z.shape == (toy.n_layers, toy.n_heads)
     # the induction-score map holds exactly the stored scores
-    label = next(lab for lab in at.multiselect[1].value if lab.startswith("induction_score"))
+    label = next(lab for lab in at.multiselect[1].options if lab.startswith("induction_score"))
+    at.multiselect[1].set_value([label]).run()
+    maps = [f for f in figures(at) if f["data"][0]["type"] == "heatmap"]
     fig = next(f for f in maps if f["layout"]["title"]["text"] == label.split(" · ")[0])
     stored = results["heads.detect"].metric("induction_score").sort_values(["layer", "head"])["value"].to_numpy()
     assert np.allclose(array(fig["data"][0]["z"]).flatten(), stored)

@@ -19,9 +19,8 @@ if long.empty:
     st.stop()
 n_layers, n_heads = data.model_shape(store, runs, long)
 labels = sorted(long["label"].unique())
-preferred = [lab for lab in labels if lab.split(" · ")[0] in
-             ("patch_logit_diff", "dla", "retrieval_score", "induction_score", "sink_alpha")]
-default = (preferred or labels)[:3]
+effects = sorted(long[long["role"] == "effect"]["label"].unique())  # causal effects first, then scores
+default = (effects + [lab for lab in labels if lab not in effects])[:3]
 chosen = st.multiselect("Metrics on the map", labels, default=default)
 if chosen:
     cols = st.columns(min(3, len(chosen)))
