@@ -113,11 +113,25 @@ def test_mismatched_prompt_pair_fails_before_any_run_is_written(tmp_path, toy_di
         ('[[run]]\nmethod = "sae.dfa"\nparams = { sae = { method = "logit_diff" } }\n', "holds no SAE"),
     ],
 )
-def test_invalid_runs_are_refused(tmp_path, body, fragment):
+def test_invalid_runs_are_refused(tmp_path, body, fragment, capsys, monkeypatch):
     job = tmp_path / "job.toml"
     job.write_text(body)
-    assert_user_error(wb("run", job, store=tmp_path / "store"), fragment)
+    assert_user_error(wb_here(capsys, monkeypatch, "run", job, "--store", tmp_path / "store"), fragment)
     assert snapshot(tmp_path / "store") is None
+
+
+def wb_here(capsys, monkeypatch, *args):
+    """The CLI's entry point in this process (what a subprocess would run, without its start-up cost)."""
+    from types import SimpleNamespace
+
+    from workbench.cli import main
+
+    monkeypatch.setattr("sys.argv", ["workbench", *map(str, args)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        main()
+    captured = capsys.readouterr()
+    return SimpleNamespace(returncode=exit.value.code, stdout=captured.out, stderr=captured.err)
 
 
 def test_a_job_file_that_is_not_text_is_refused(tmp_path):
@@ -222,6 +236,7 @@ def test_dashboard_serves_on_localhost(tmp_path):
         proc.wait(timeout=30)
 
 
+@pytest.mark.slow  # the embedded model, in a subprocess
 def test_circuit_methods_run_from_a_job_file_and_export_in_the_schema(tmp_path):
     job = tmp_path / "circuit.toml"
     job.write_text("""
