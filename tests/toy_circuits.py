@@ -7,7 +7,9 @@ Residual stream = [current token one-hot | position one-hot | previous token one
   holds the same token, and it writes the attended token, doubled, into the token block, so the
   unembedding predicts it. It copies: on a repeated sequence it predicts the repeat, and after the
   token just before a needle it reproduces the needle token by token.
-- L0H1 and L1H1 have zero weights: uniform attention, no output.
+- L0H1 and L1H1 have zero weights: uniform attention, no output; with `decoy=True` L1H1 is a
+  decoy: uniform attention, values from the token block, written 50x into the position block,
+  which nothing after layer 0 reads: large activations that never reach the logits.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ N_CTX = 48
 SHARP = 20.0  # attention logit of a match (after the 1/sqrt(d_head) scale)
 
 
-def make_induction_toy():
+def make_induction_toy(decoy: bool = False):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     tok, pos, prev = 0, VOCAB, VOCAB + N_CTX
@@ -46,6 +48,9 @@ def make_induction_toy():
         a1.W_V[0, tok : tok + VOCAB, :VOCAB] = eye_v
         a1.W_O[0, :VOCAB, tok : tok + VOCAB] = 2 * eye_v
         tl.unembed.W_U[tok : tok + VOCAB, :] = 10 * eye_v  # sharp predictions
+        if decoy:
+            a1.W_V[1, tok : tok + VOCAB, :VOCAB] = eye_v
+            a1.W_O[1, :VOCAB, pos : pos + VOCAB] = 50 * eye_v
     tl.eval()
     return tl
 

@@ -95,11 +95,11 @@ def show(run_id: str, store: Optional[Path] = StoreOpt,
 
 
 @app.command()
-def export(run_id: str, format: str = typer.Option("parquet", "--format", help="parquet or csv."),
+def export(run_id: str, format: str = typer.Option("parquet", "--format", help="parquet, csv, or mib-json (a circuit's edges)."),
            out_file: Path = typer.Option(..., "--out", help="File to write."), store: Optional[Path] = StoreOpt):
-    """Write a run's score frame to a Parquet or CSV file."""
-    if format not in ("parquet", "csv"):
-        raise WorkbenchError(f"unknown export format '{format}'; use parquet or csv")
+    """Write a run's score frame to a Parquet or CSV file, or a discovery run's edges as MIB circuit JSON."""
+    if format not in ("parquet", "csv", "mib-json"):
+        raise WorkbenchError(f"unknown export format '{format}'; use parquet, csv or mib-json")
     if not out_file.parent.is_dir():
         raise WorkbenchError(f"folder {out_file.parent} does not exist; create it or give --out a path in an existing folder")
     if out_file.is_dir():
@@ -110,6 +110,9 @@ def export(run_id: str, format: str = typer.Option("parquet", "--format", help="
 
     s = _store(store)
     table = s.score_table(run_id)
+    if format == "mib-json":
+        _export_mib(s, run_id, table, out_file)
+        return
     if format == "csv":
         import pyarrow.csv as pc
 
@@ -123,6 +126,22 @@ def export(run_id: str, format: str = typer.Option("parquet", "--format", help="
 
         pq.write_table(table, out_file)
     err.print(f"wrote {table.num_rows} rows of run {s.meta(run_id)['run_id']} to {out_file}")
+
+
+def _export_mib(store, run_id: str, table, out_file: Path) -> None:
+    import json
+
+    from workbench.atomic import write_file_atomic
+    from workbench.methods import get_method
+    from workbench.mib import mib_circuit
+
+    meta = store.meta(run_id)
+    spec = meta["spec"]
+    outputs = get_method(spec["method"]).declared(spec["params"])
+    names = [m.name for m in outputs.metrics if m.components == ("edge",) and m.role == "effect"]
+    rows = [r for r in table.to_pylist() if r["metric"] in names[:1]]
+    write_file_atomic(out_file, json.dumps(mib_circuit(rows, meta["model_shape"])))
+    err.print(f"wrote {len(rows)} edges of run {meta['run_id']} to {out_file} (MIB circuit JSON)")
 
 
 def _text_table(table) -> str:

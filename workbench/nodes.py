@@ -3,6 +3,7 @@ figures, URLs, logs.
 
     embed        the token (and positional) embeddings
     L5H3         attention head 3 of layer 5
+    L5KV1        key/value head 1 of layer 5, under grouped-query attention (shared by its group)
     MLP5         the MLP of layer 5
     logits       the unembedding
 
@@ -18,12 +19,17 @@ import re
 from workbench.errors import WorkbenchError
 
 HEAD_RE = re.compile(r"^L(\d+)H(\d+)$")
+KV_RE = re.compile(r"^L(\d+)KV(\d+)$")
 MLP_RE = re.compile(r"^MLP(\d+)$")
 DST_INPUTS = ("q", "k", "v", "mlp", "logits")
 
 
 def head_name(layer: int, head: int) -> str:
     return f"L{int(layer)}H{int(head)}"
+
+
+def kv_name(layer: int, kv_head: int) -> str:
+    return f"L{int(layer)}KV{int(kv_head)}"
 
 
 def mlp_name(layer: int) -> str:
@@ -38,7 +44,10 @@ def parse_node(name: str) -> tuple[str, int | None, int | None]:
         return "head", int(m[1]), int(m[2])
     if m := MLP_RE.match(name):
         return "mlp", int(m[1]), None
-    raise WorkbenchError(f"'{name}' is not a node name; write L<layer>H<head> (e.g. L5H3), MLP<layer>, embed or logits")
+    if m := KV_RE.match(name):
+        return "kv_head", int(m[1]), int(m[2])
+    raise WorkbenchError(f"'{name}' is not a node name; write L<layer>H<head> (e.g. L5H3), L<layer>KV<kv head>, "
+                         "MLP<layer>, embed or logits")
 
 
 def check_head_names(heads) -> None:

@@ -89,7 +89,8 @@ def run_method(model, task, method: str, params: dict[str, Any] | Any = None, st
         result = m.fn(model, task, parsed, RunContext(store, content_key(spec), inputs))
         check_outputs(m.name, result, m.outputs(parsed))
         result.meta.update(workbench_version=__version__, device=str(model.device),
-                           model_shape={"n_layers": model.n_layers, "n_heads": model.n_heads, "n_kv_heads": model.n_kv_heads})
+                           model_shape={"n_layers": model.n_layers, "n_heads": model.n_heads, "n_kv_heads": model.n_kv_heads,
+                                        "d_model": model.d_model, "attn_only": bool(model.cfg.attn_only)})
         return result
 
     return store.get_or_compute(spec, compute)

@@ -1,0 +1,204 @@
+"""Circuit discovery on models whose circuits are known by construction, and the identities that
+must hold: EAP node sums equal attribution patching, EAP equals exact edge patching where the model
+is linear, keeping every edge gives the clean run and keeping none the ablated one."""
+
+import pytest
+import torch
+
+from circuits.attribution_patching import attribution_patch
+from circuits.eap import eap_scores
+from circuits.faithfulness import circuit_metrics, prune, top_edges
+from circuits.graph import build_graph, source_hooks, source_outputs
+from conftest import make_toy_tl
+from toy_circuits import make_induction_toy
+from workbench.errors import WorkbenchError
+from workbench.models import from_hooked_transformer
+from workbench.runner import run_method
+from workbench.tasks import build_task
+
+PLANTED = {("embed", "L0H0", "v"), ("L0H0", "L1H0", "k"), ("embed", "L1H0", "v"), ("L1H0", "logits", "logits")}
+
+
+@pytest.fixture(scope="module")
+def planted():
+    model = from_hooked_transformer(make_induction_toy(decoy=True), "planted-induction")
+    return model, build_task(model, "induction", {"n_prompts": 8, "seq_len": 8})
+
+
+def ranked(graph, scores):
+    src, dst, dst_input = graph.edge_names()
+    values = scores[graph.valid]
+    order = values.abs().argsort(descending=True)
+    return [(src[i], dst[i], dst_input[i]) for i in order.tolist()], values
+
+
+@pytest.mark.parametrize("steps", [1, 5])
+def test_eap_and_eap_ig_rank_the_planted_edges_first_and_ignore_the_decoy(planted, steps):
+    model, task = planted
+    graph = build_graph(model)
+    scores, _ = eap_scores(model, task, graph, steps=steps, batch_size=3)
+    order, values = ranked(graph, scores)
+    assert set(order[: len(PLANTED)]) == PLANTED  # precision and recall 1 at the planted circuit's size
+    decoy = [i for i, s in enumerate(graph.edge_names()[0]) if s == "L1H1"]
+    assert values[decoy].abs().max() < 1e-6
+    names = set(source_hooks(model))
+    _, cache = model.tl.run_with_cache(task.tokens()[0], names_filter=lambda n: n in names)
+    written = source_outputs(model, graph, cache)[:, :, graph.sources.index("L1H1")].norm(dim=-1).max()
+    assert written > 10  # the decoy does write large activations; they just never reach the logits
+
+
+def test_the_planted_circuit_is_faithful_and_the_curve_ends_where_it_must(planted):
+    model, task = planted
+    graph = build_graph(model)
+    src, dst, dst_input = graph.edge_names()
+    keep = torch.zeros_like(graph.valid)
+    keep[graph.valid] = torch.tensor([e in PLANTED for e in zip(src, dst, dst_input)])
+    assert torch.equal(prune(graph, keep, 1), keep)  # a connected circuit: nothing to prune
+    none, full, circuit = circuit_metrics(model, task, graph, torch.stack([torch.zeros_like(keep), graph.valid, keep])).tolist()
+    clean = run_method(model, task, "logit_diff", {}, _store())
+    assert full == pytest.approx(clean.value("logit_diff_clean_mean"), abs=1e-4)
+    assert none == pytest.approx(clean.value("logit_diff_corrupted_mean"), abs=1e-4)
+    assert (circuit - none) / (full - none) == pytest.approx(1.0, abs=1e-3)
+
+
+def _store():
+    import tempfile
+
+    from workbench.store import Store
+
+    return Store(tempfile.mkdtemp())
+
+
+@pytest.mark.parametrize("kind", ["layernorm-mlp", "gqa-rotary-rms"])
+def test_eap_node_sums_equal_attribution_patching_and_the_empty_and_full_circuits_are_exact(kind):
+    extra = (dict(attn_only=False) if kind == "layernorm-mlp" else
+             dict(attn_only=False, n_key_value_heads=2, positional_embedding_type="rotary", rotary_dim=8, normalization_type="RMS"))
+    model = from_hooked_transformer(make_toy_tl(seed=3, **extra), kind)
+    task = build_task(model, "induction", {"n_prompts": 6, "seq_len": 5})
+    graph = build_graph(model)
+    scores, baselines = eap_scores(model, task, graph, batch_size=4)
+    atp, clean, corrupted = attribution_patch(model, task, ("z", "mlp_out"))
+    sums = scores.sum(1)
+    heads = torch.tensor([graph.sources.index(f"L{lyr}H{h}") for lyr in range(model.n_layers) for h in range(model.n_heads)])
+    assert torch.allclose(sums[heads].view(model.n_layers, model.n_heads), atp["z"], atol=1e-5)
+    mlps = torch.tensor([graph.sources.index(f"MLP{lyr}") for lyr in range(model.n_layers)])
+    assert torch.allclose(sums[mlps], atp["mlp_out"], atol=1e-5)
+    assert (baselines.clean, baselines.corrupted) == pytest.approx((clean, corrupted), abs=1e-5)
+    for ablation in ("corrupted", "mean", "zero"):
+        none, full = circuit_metrics(model, task, graph, torch.stack([torch.zeros_like(graph.valid), graph.valid]),
+                                     ablation=ablation).tolist()
+        assert full == pytest.approx(clean, abs=1e-4)
+        if ablation == "corrupted":
+            assert none == pytest.approx(corrupted, abs=1e-4)
+
+
+def test_eap_equals_exact_edge_patching_where_the_model_is_linear():
+    """Attention-only, no norms: the logits are linear in the final residual, so an edge into the
+    logits has an exact effect equal to its EAP score."""
+    model = from_hooked_transformer(make_toy_tl(seed=4, normalization_type=None), "linear-readout")
+    task = build_task(model, "induction", {"n_prompts": 5, "seq_len": 4})
+    graph = build_graph(model)
+    scores, baselines = eap_scores(model, task, graph, batch_size=2)
+    names = set(source_hooks(model))
+    clean, lengths = task.tokens("clean")
+    corrupt, _ = task.tokens("corrupted")
+    tl = model.tl
+    _, clean_cache = tl.run_with_cache(clean, names_filter=lambda n: n in names)
+    _, corrupt_cache = tl.run_with_cache(corrupt, names_filter=lambda n: n in names)
+    diff = source_outputs(model, graph, clean_cache) - source_outputs(model, graph, corrupt_cache)
+    logits_target = len(graph.targets) - 1
+    rows = torch.arange(len(task))
+    for s, name in enumerate(graph.sources):
+        def patch(resid, hook, s=s):
+            return resid + diff[:, :, s]
+
+        logits = tl.run_with_hooks(corrupt, fwd_hooks=[(f"blocks.{model.n_layers - 1}.hook_resid_post", patch)])
+        last = logits[rows, lengths - 1]
+        value = (last[rows, task.answer_ids()] - last[rows, task.wrong_ids()]).mean().item()
+        exact = (value - baselines.corrupted) / (baselines.clean - baselines.corrupted)
+        assert scores[s, logits_target].item() == pytest.approx(exact, abs=1e-4), name
+
+
+def test_top_edges_keep_the_largest_scores_and_prune_dangling_ones(planted):
+    model, _ = planted
+    graph = build_graph(model)
+    scores = torch.zeros(graph.valid.shape)
+    s, t = graph.sources.index("L0H1"), [i for i, x in enumerate(graph.targets) if (x.node, x.input) == ("L1H0", "k")][0]
+    scores[s, t] = 5.0  # L0H1 -> L1H0.k: nothing reaches L0H1, so the edge is dangling
+    logits = len(graph.targets) - 1
+    scores[graph.sources.index("L1H0"), logits] = 3.0
+    scores[0, [i for i, x in enumerate(graph.targets) if (x.node, x.input) == ("L1H0", "v")][0]] = 2.0
+    keep = top_edges(graph, scores, 3, 1)
+    kept = {(graph.sources[a], graph.targets[b].node, graph.targets[b].input) for a, b in torch.nonzero(keep).tolist()}
+    assert kept == {("L1H0", "logits", "logits"), ("embed", "L1H0", "v")}
+
+
+def test_faithfulness_method_reads_the_stored_discovery_and_beats_random(planted):
+    model, task = planted
+    store = _store()
+    found = run_method(model, task, "discovery.eap_ig", {"steps": 3}, store)
+    result = run_method(model, task, "circuit.faithfulness",
+                        {"discovery": {"method": "discovery.eap_ig", "params": {"steps": 3}}}, store)
+    assert result.meta["discovery_run"] == found.run_id and len(store.catalog()) == 2
+    cpr = result.metric("cpr").set_index("ranking")["value"]
+    cmd = result.metric("cmd").set_index("ranking")["value"]
+    assert cpr["scores"] > cpr["random"] and cmd["scores"] < cmd["random"]
+    curve = result.metric("faithfulness")
+    assert curve[curve["fraction"] == 1.0]["value"].tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+    with pytest.raises(WorkbenchError, match="scores no edges"):
+        run_method(model, task, "circuit.faithfulness", {"discovery": {"method": "logit_diff"}}, store)
+    with pytest.raises(WorkbenchError, match="fractions"):
+        run_method(model, task, "circuit.faithfulness", {"fractions": [0.5, 0.1]}, store)
+
+
+def test_a_discovery_run_exports_as_an_mib_circuit(planted, tmp_path):
+    import json
+    import subprocess
+
+    from conftest import WORKBENCH
+    from workbench.mib import mib_circuit
+    from workbench.store import Store
+
+    model, task = planted
+    store = Store(tmp_path / "s")
+    found = run_method(model, task, "discovery.eap", {}, store)
+    out = tmp_path / "circuit.json"
+    proc = subprocess.run([WORKBENCH, "export", found.run_id, "--format", "mib-json", "--out", str(out), "--store",
+                           str(store.root)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    edges = found.metric("eap")
+    assert len(doc["edges"]) == len(edges) and doc["cfg"]["n_heads"] == 2
+    for (src, dst, x), name in (((("L0H0", "L1H0", "k")), "a0.h0->a1.h0<k>"), (("embed", "L0H0", "v"), "input->a0.h0<v>"),
+                                (("L1H0", "logits", "logits"), "a1.h0->logits")):
+        stored = edges[(edges["src"] == src) & (edges["dst"] == dst) & (edges["dst_input"] == x)]["value"].item()
+        assert doc["edges"][name]["score"] == pytest.approx(stored)
+    # under grouped-query attention a key/value head's edge is written for each query head of its group
+    gqa = mib_circuit([{"src": "embed", "dst": "L0KV1", "dst_input": "k", "value": 0.5}],
+                      {"n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "d_model": 8})
+    assert set(gqa["edges"]) == {"input->a0.h2<k>", "input->a0.h3<k>"}
+
+
+@pytest.mark.parametrize("metric, threshold", [("kl", 1e-3), ("logit_diff", 0.05)])
+def test_acdc_recovers_exactly_the_planted_circuit(planted, metric, threshold):
+    model, task = planted
+    result = run_method(model, task, "discovery.acdc", {"metric": metric, "threshold": threshold}, _store())
+    rows = result.metric("acdc_in_circuit")
+    kept = {(r.src, r.dst, r.dst_input) for r in rows.itertuples() if r.value == 1}
+    assert kept == PLANTED
+    scores = result.metric("acdc").set_index(["src", "dst", "dst_input"])["value"]
+    assert min(scores[e] for e in PLANTED) >= threshold > max(v for e, v in scores.items() if e not in PLANTED)
+
+
+def test_acdc_on_a_restricted_graph_tests_only_its_edges(planted):
+    model, task = planted
+    result = run_method(model, task, "discovery.acdc", {"metric": "kl", "threshold": 1e-3, "layers": [1, 1]}, _store())
+    tested = result.metric("acdc_in_circuit")
+    graph = build_graph(model)
+    layer_one = {graph.sources.index(f"L1H{h}") for h in range(2)}
+    assert set(tested["src"]) <= {"L1H0", "L1H1"} and len(tested) == sum(
+        1 for s, t in torch.nonzero(graph.valid).tolist() if s in layer_one)  # layer-1 heads into the logits
+    with pytest.raises(WorkbenchError, match="not a layer range"):
+        run_method(model, task, "discovery.acdc", {"layers": [1, 5]}, _store())
+    with pytest.raises(WorkbenchError, match="threshold = 0"):
+        run_method(model, task, "discovery.acdc", {"threshold": 0.0}, _store())
