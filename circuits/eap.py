@@ -16,15 +16,16 @@ sources x targets x positions is ever held.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterator, Literal
 
 import pandas as pd
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from circuits.graph import Graph, build_graph, check_model, source_hooks, source_outputs, split_inputs
+from circuits.graph import Graph, build_graph, check_model, source_hooks, source_outputs
 from circuits.patching import Baselines, metric_values, unembed_final
 from workbench.methods import EDGE_INDEX, Metric, Outputs, register
 from workbench.nodes import parse_node
@@ -32,11 +33,75 @@ from workbench.params import require
 from workbench.result import Result
 
 MetricName = Literal["logit_diff", "prob", "logprob", "kl"]
+GRAD_BYTES = 512 * 2**20
 
 
 def _final(tl, resid: Tensor, lengths: Tensor) -> Tensor:
     rows = torch.arange(resid.shape[0], device=resid.device)
     return unembed_final(tl, resid[rows, lengths - 1][:, None, :])[:, 0]
+
+
+@contextmanager
+def input_hooks(tl) -> Iterator[dict[str, Tensor]]:
+    """Keep, on a forward with gradients, what `input_gradients` needs: each layer's residual input
+    and the gradients at q, k, v and the MLP input, and the final residual's gradient."""
+    kept: dict[str, Tensor] = {}
+
+    def value(act, hook):
+        kept[hook.name] = act.detach()
+
+    def grad(act, hook):
+        act.retain_grad()
+        kept[hook.name] = act
+
+    n = tl.cfg.n_layers
+    hooks = [(f"blocks.{n - 1}.hook_resid_post", grad)]
+    for layer in range(n):
+        hooks += [(f"blocks.{layer}.hook_resid_pre", value)] + [(f"blocks.{layer}.attn.hook_{x}", grad) for x in "qkv"]
+        if not tl.cfg.attn_only:
+            hooks.append((f"blocks.{layer}.hook_mlp_in", grad))
+    before = tl.cfg.use_hook_mlp_in
+    if not tl.cfg.attn_only:
+        tl.set_use_hook_mlp_in(True)  # a clone of the MLP's input, read by the MLP alone: its gradient is the MLP path's
+    try:
+        with tl.hooks(fwd_hooks=hooks):
+            yield kept
+    finally:
+        if not tl.cfg.attn_only:
+            tl.set_use_hook_mlp_in(before)
+
+
+def input_gradients(model, kept: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The metric's gradient at every graph target's input, target-major: for each hook of
+    `circuits.graph`, [entry (head, key/value head, or 1), batch, pos, d_model]. From one
+    ordinary backward: a head's query input gets its query gradient through its W_Q slice and back
+    through the layer's first norm (one vector-Jacobian product per head, vectorised), likewise a
+    key/value head's key and value inputs. The same values TransformerLens's split q/k/v inputs
+    give, without the per-head copies of the residual stream in the forward and backward."""
+    tl, out = model.tl, {}
+    n = model.n_layers
+    out[f"blocks.{n - 1}.hook_resid_post"] = kept[f"blocks.{n - 1}.hook_resid_post"].grad.detach()[None]
+    for layer in range(n):
+        attn = tl.blocks[layer].attn
+        w = {"q": attn.W_Q, "k": getattr(attn, "_W_K", attn.W_K), "v": getattr(attn, "_W_V", attn.W_V)}
+        parts = [torch.einsum("bphe,hde->hbpd", kept[f"blocks.{layer}.attn.hook_{x}"].grad, w[x]) for x in "qkv"]
+        _, vjp = torch.func.vjp(tl.blocks[layer].ln1, kept[f"blocks.{layer}.hook_resid_pre"])
+        grads = torch.func.vmap(vjp)(torch.cat(parts))[0].detach()  # [entry, batch, pos, d_model]
+        for x, g in zip("qkv", grads.split([p.shape[0] for p in parts])):
+            out[f"blocks.{layer}.hook_{x}_input"] = g
+        if not model.cfg.attn_only:
+            out[f"blocks.{layer}.hook_mlp_in"] = kept[f"blocks.{layer}.hook_mlp_in"].grad[None]
+    return out
+
+
+def target_blocks(graph: Graph, n_blocks: int = 6) -> list[tuple[int, int, int]]:
+    """(first target, last target, source prefix) for blocks of consecutive targets: each block's
+    scores are one matrix product with only the sources that can reach it (about 60% of a full
+    sources x targets product, in products wide enough to run at speed)."""
+    reach = graph.valid.any(0).nonzero().flatten()  # targets with edges
+    prefix = [int(graph.valid[:, t].nonzero().max()) + 1 for t in range(len(graph.targets))]
+    size = -(-len(graph.targets) // n_blocks)
+    return [(a, min(a + size, len(graph.targets)), max(prefix[a:a + size])) for a in range(0, int(reach.max()) + 1, size)]
 
 
 def eap_scores(model, task, graph: Graph, metric: str = "logit_diff", steps: int = 1,
@@ -47,55 +112,58 @@ def eap_scores(model, task, graph: Graph, metric: str = "logit_diff", steps: int
     clean_all, lengths_all = task.tokens("clean", device=device)
     corrupt_all, _ = task.tokens("corrupted", device=device)
     answers_all, wrongs_all = task.answer_ids(device), task.wrong_ids(device)
-    hooks = sorted({t.hook for t in graph.targets})
-    by_hook = {h: [(i, t.index) for i, t in enumerate(graph.targets) if t.hook == h] for h in hooks}
+    rows_of = {}
+    for i, t in enumerate(graph.targets):
+        first, _ = rows_of.get(t.hook, (i, i))
+        rows_of[t.hook] = (first, i + 1)
+    blocks = target_blocks(graph)
     names = set(source_hooks(model))
-    scores = torch.zeros(len(graph.sources), len(graph.targets), dtype=torch.float64)
+    n_sources, n_targets = len(graph.sources), len(graph.targets)
+    scores = torch.zeros(n_sources, n_targets, dtype=torch.float64)
     values = {"clean": 0.0, "corrupted": 0.0}
-    chunks = range(0, len(task), batch_size)
-    for start in tqdm(chunks, desc=f"EAP{'-IG' if steps > 1 else ''} edges", leave=False):
+    # the gradients of one chunk at every target, [target, batch x pos x d_model], bounded in size
+    batch_size = max(1, min(batch_size, GRAD_BYTES // (n_targets * int(lengths_all.max()) * model.d_model * 4)))
+    for start in tqdm(range(0, len(task), batch_size), desc=f"EAP{'-IG' if steps > 1 else ''} edges", leave=False):
         rows = slice(start, start + batch_size)
         lengths = lengths_all[rows]
         width = int(lengths.max())
         clean, corrupt = clean_all[rows, :width], corrupt_all[rows, :width]
         answers, wrongs = answers_all[rows], wrongs_all[rows]
         with torch.no_grad():
-            clean_resid, clean_cache = tl.run_with_cache(clean, stop_at_layer=n, names_filter=lambda x: x in names)
-            corrupt_resid, corrupt_cache = tl.run_with_cache(corrupt, stop_at_layer=n, names_filter=lambda x: x in names)
-            clean_logprobs = _final(tl, clean_resid, lengths).float().log_softmax(-1)
-            for which, resid in (("clean", clean_resid), ("corrupted", corrupt_resid)):
-                logits = _final(tl, resid, lengths).float()
-                values[which] += float(metric_values(metric, logits, answers, wrongs, clean_logprobs).sum())
-            diff = (source_outputs(model, graph, clean_cache) - source_outputs(model, graph, corrupt_cache)).float()
-            clean_in, corrupt_in = clean_cache["blocks.0.hook_resid_pre"], corrupt_cache["blocks.0.hook_resid_pre"]
-            del clean_cache, corrupt_cache
-        grads: dict[str, Tensor] = {}
-        for step in range(steps):
+            clean_resid, cache = tl.run_with_cache(clean, stop_at_layer=n, names_filter=lambda x: x in names)
+            clean_logits = _final(tl, clean_resid, lengths).float()
+            clean_logprobs = clean_logits.log_softmax(-1)
+            values["clean"] += float(metric_values(metric, clean_logits, answers, wrongs, clean_logprobs).sum())
+            diff = source_outputs(model, graph, cache).float()
+            clean_in = cache["blocks.0.hook_resid_pre"]
+            del cache
+        grads = torch.zeros(n_targets, clean.numel() * model.d_model, device=device)
+        corrupted: dict[str, Tensor] = {}
+        for step in range(steps):  # step 0 (alpha = 0) is the corrupted run itself: its sources are read there
             alpha = step / steps
-            kept: dict[str, Tensor] = {}
 
-            def interpolate(act, hook, alpha=alpha):
-                return (corrupt_in + alpha * (clean_in - corrupt_in)).detach().requires_grad_(True)
+            def start_here(act, hook, alpha=alpha):
+                x = act if step == 0 else corrupted["blocks.0.hook_resid_pre"] + alpha * (clean_in - corrupted["blocks.0.hook_resid_pre"])
+                return x.detach().requires_grad_(True)
 
-            def keep(act, hook):
-                act.retain_grad()
-                kept[hook.name] = act
+            def read(act, hook):
+                corrupted[hook.name] = act.detach()
 
-            with split_inputs(tl), tl.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", interpolate)]
-                                             + [(h, keep) for h in hooks]):
+            reads = [(h, read) for h in names] if step == 0 else []
+            with input_hooks(tl) as kept, tl.hooks(fwd_hooks=reads + [("blocks.0.hook_resid_pre", start_here)]):
                 resid = tl(corrupt, stop_at_layer=n)
                 logits = _final(tl, resid, lengths).float()
-                metric_values(metric, logits, answers, wrongs, clean_logprobs).sum().backward()
-            for h, act in kept.items():
-                grads[h] = grads[h] + act.grad if h in grads else act.grad
-        for h, grad in grads.items():
-            targets = torch.tensor([i for i, _ in by_hook[h]])
-            if by_hook[h][0][1] is None:  # MLP input or logits: [batch, pos, d_model]
-                scores[:, targets[0]] += torch.einsum("bpsd,bpd->s", diff, grad.float()).double() / steps
-            else:
-                index = torch.tensor([j for _, j in by_hook[h]], device=grad.device)
-                part = torch.einsum("bpsd,bphd->sh", diff, grad[:, :, index].float()).double() / steps
-                scores[:, targets] += part.cpu()
+                value = metric_values(metric, logits, answers, wrongs, clean_logprobs).sum()
+                value.backward()
+            if step == 0:
+                values["corrupted"] += float(value.detach())
+                with torch.no_grad():
+                    diff = (diff - source_outputs(model, graph, corrupted)).permute(2, 0, 1, 3).reshape(n_sources, -1)
+            for h, grad in input_gradients(model, kept).items():
+                first, last = rows_of[h]  # a hook's targets are consecutive, in the order of its entries
+                grads[first:last] += grad.float().reshape(last - first, -1)
+        for first, last, prefix in blocks:  # only the sources that come before each block of targets
+            scores[:prefix, first:last] += (diff[:prefix] @ grads[first:last].T).double().cpu() / steps
     baselines = Baselines(values["clean"] / len(task), values["corrupted"] / len(task))
     # normalising the corrupted value gives 0 and refuses a task whose corruption changes nothing
     gap = baselines.clean - baselines.corrupted if baselines.normalise(torch.tensor(baselines.corrupted)) == 0 else 0

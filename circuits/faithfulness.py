@@ -96,6 +96,9 @@ class CircuitEvaluator:
         self.by_hook: dict[str, list[tuple[int, int | None]]] = {}
         for i, t in enumerate(graph.targets):
             self.by_hook.setdefault(t.hook, []).append((i, t.index))
+        valid = graph.valid
+        # sources are ordered by layer: a hook's targets read only a prefix of them
+        self.prefix = {h: int(valid[:, [i for i, _ in e]].any(1).nonzero().max()) + 1 for h, e in self.by_hook.items()}
         self.mean_out = _mean_outputs(model, graph, task, self.names) if ablation == "mean" else None
         self.per_prompt = int(self.lengths.max()) * len(graph.sources) * model.d_model * 4
         self.keep_cache = self.per_prompt * len(task) <= CHUNK_BYTES
@@ -125,9 +128,13 @@ class CircuitEvaluator:
 
     @torch.no_grad()
     def metrics(self, keeps: Tensor) -> Tensor:
-        """Mean metric over the task's prompts for each circuit of `keeps` [circuit, source, target]."""
+        """Mean metric over the task's prompts for each circuit of `keeps` [circuit, source, target].
+
+        The per-source differences (ablated - current) are held source-major, [circuit, source,
+        batch x pos x d_model], so a target's correction is one batched matrix product over the
+        sources that come before it (sources are ordered by layer)."""
         model, graph, tl, n = self.model, self.graph, self.model.tl, self.model.n_layers
-        d_model, n_circuits = model.d_model, keeps.shape[0]
+        d_model, n_circuits, n_sources = model.d_model, keeps.shape[0], len(graph.sources)
         ablate = (graph.valid[None] & ~keeps).to(model.device)  # [circuit, source, target]
         batch = max(1, CHUNK_BYTES // (n_circuits * self.per_prompt))
         totals = torch.zeros(n_circuits, dtype=torch.float64)
@@ -136,27 +143,32 @@ class CircuitEvaluator:
             ablated, clean_logprobs = self._prepared(start, stop)
             lengths = self.lengths[start:stop]
             b, width = stop - start, int(lengths.max())
-            delta = torch.zeros(n_circuits, b, width, len(graph.sources), d_model, device=model.device, dtype=ablated.dtype)
+            delta = torch.zeros(n_circuits, n_sources, b * width * d_model, device=model.device, dtype=ablated.dtype)
+            source_major = ablated.permute(2, 0, 1, 3).reshape(n_sources, -1)  # [source, batch x pos x d_model]
+
+            def put(idx, current):  # current: [circuit, n, batch, pos, d_model]
+                delta[:, idx] = source_major[idx][None] - current.reshape(n_circuits, len(idx), -1)
 
             def source(act, hook):
                 if hook.name == "blocks.0.hook_resid_pre":
-                    delta[:, :, :, 0] = ablated[None, :, :, 0] - act.view(n_circuits, b, width, d_model)
+                    put([0], act.view(n_circuits, 1, b, width, d_model))
                     return
                 layer = int(hook.name.split(".")[1])
                 idx = self.layer_sources[layer]
                 if hook.name.endswith("hook_z"):
-                    out = torch.einsum("bphd,hdm->bphm", act, tl.blocks[layer].attn.W_O).view(n_circuits, b, width, -1, d_model)
-                    heads = idx[: out.shape[3]]
-                    delta[:, :, :, heads] = ablated[None, :, :, heads] - out
+                    out = torch.einsum("bphd,hdm->bhpm", act, tl.blocks[layer].attn.W_O)
+                    heads = idx[: out.shape[1]]
+                    put(heads, out.view(n_circuits, b, len(heads), width, d_model).transpose(1, 2))
                 else:
-                    delta[:, :, :, idx[-1]] = ablated[None, :, :, idx[-1]] - act.view(n_circuits, b, width, d_model)
+                    put(idx[-1:], act.view(n_circuits, 1, b, width, d_model))
 
             def target(act, hook):
-                entries = self.by_hook[hook.name]
-                coef = ablate[:, :, [i for i, _ in entries]].to(delta.dtype)  # [circuit, source, entry]
+                entries, prefix = self.by_hook[hook.name], self.prefix[hook.name]
+                coef = ablate[:, :prefix, [i for i, _ in entries]].to(delta.dtype)  # [circuit, source, entry]
+                add = torch.bmm(coef.transpose(1, 2), delta[:, :prefix])  # [circuit, entry, batch x pos x d_model]
+                add = add.view(n_circuits, len(entries), b, width, d_model).permute(0, 2, 3, 1, 4)
                 if entries[0][1] is None:
-                    return act + torch.einsum("kbpsd,ks->kbpd", delta, coef[:, :, 0]).reshape(act.shape)
-                add = torch.einsum("kbpsd,kse->kbped", delta, coef)
+                    return act + add[:, :, :, 0].reshape(act.shape)
                 view = act.view(n_circuits, b, width, act.shape[2], d_model).clone()
                 view[:, :, :, [j for _, j in entries]] += add
                 return view.view(act.shape)
@@ -268,7 +280,11 @@ def faithfulness(model, task, params: FaithfulnessParams, ctx) -> Result:
     keeps = [torch.zeros_like(graph.valid), graph.valid.clone()]  # none, every edge
     keeps += [top_edges(graph, scores, n, group) for n in sizes]
     keeps += [top_edges(graph, random_scores, n, group) for n in sizes]
-    values = circuit_metrics(model, task, graph, torch.stack(keeps), params.metric, params.ablation).tolist()
+    unique: dict[bytes, int] = {}  # the same circuit (every edge, at 100% of either ranking) is evaluated once
+    slot = [unique.setdefault(k.numpy().tobytes(), len(unique)) for k in keeps]
+    firsts = [slot.index(i) for i in range(len(unique))]
+    evaluated = circuit_metrics(model, task, graph, torch.stack([keeps[i] for i in firsts]), params.metric, params.ablation)
+    values = [float(evaluated[i]) for i in slot]
     empty, full = values[0], values[1]
     if abs(full - empty) < 1e-9:
         raise WorkbenchError("the metric is the same with every edge kept and every edge ablated; faithfulness is "
@@ -284,3 +300,14 @@ def faithfulness(model, task, params: FaithfulnessParams, ctx) -> Result:
                  dict(component="model", ranking=ranking, metric="cmd", value=cmd)]
     rows += [dict(component="model", metric="metric_full", value=full), dict(component="model", metric="metric_empty", value=empty)]
     return Result(pd.DataFrame(rows), meta={"discovery_run": stored.run_id, "n_edges": n_edges, "ablation": params.ablation})
+
+
+def roc_auc(scores: Tensor, positive: Tensor) -> float:
+    """Area under the ROC curve of `scores` for the `positive` mask: the chance a positive outranks a
+    negative (ties count half), as the Mann-Whitney statistic."""
+    pos, neg = scores[positive], scores[~positive]
+    if len(pos) == 0 or len(neg) == 0:
+        raise WorkbenchError("a reference circuit needs edges both inside and outside it to score a ranking")
+    greater = (pos[:, None] > neg[None, :]).double().mean()
+    ties = (pos[:, None] == neg[None, :]).double().mean()
+    return float(greater + ties / 2)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterator
 
 import torch
@@ -37,7 +38,7 @@ class Graph:
     source_layers: tuple[int, ...]  # embed: -1
     targets: tuple[Target, ...]
 
-    @property
+    @cached_property
     def valid(self) -> Tensor:
         """[source, target]: True where the edge exists (the source writes before the target reads)."""
         src = torch.tensor(self.source_layers)[:, None]

@@ -202,3 +202,27 @@ def test_acdc_on_a_restricted_graph_tests_only_its_edges(planted):
         run_method(model, task, "discovery.acdc", {"layers": [1, 5]}, _store())
     with pytest.raises(WorkbenchError, match="threshold = 0"):
         run_method(model, task, "discovery.acdc", {"threshold": 0.0}, _store())
+
+
+def test_rankings_are_scored_against_a_reference_circuit(planted):
+    model, task = planted
+    store = _store()
+    reference = ["embed->L0H0.v", "L0H0->L1H0.k", "embed->L1H0.v", "L1H0->logits"]
+    found = run_method(model, task, "circuit.compare", {"reference": reference}, store)
+    for metric in ("edge_roc_auc", "edge_precision", "edge_recall", "node_roc_auc", "node_precision"):
+        assert found.value(metric) == pytest.approx(1.0), metric
+    assert found.value("edge_reference_size") == 4 and found.value("node_reference_size") == 2  # L0H0, L1H0
+    acdc = {"method": "discovery.acdc", "params": {"metric": "kl", "threshold": 1e-3}}
+    against_acdc = run_method(model, task, "circuit.compare", {"reference_run": acdc}, store)
+    assert against_acdc.value("edge_roc_auc") == pytest.approx(1.0)
+    # a reversed ranking scores 0: the AUC is the chance a reference edge outranks another
+    from circuits.faithfulness import roc_auc
+
+    assert roc_auc(torch.tensor([0.1, 0.2, 0.9, 0.8]), torch.tensor([True, True, False, False])) == 0.0
+    assert roc_auc(torch.tensor([1.0, 1.0]), torch.tensor([True, False])) == 0.5
+    with pytest.raises(WorkbenchError, match="not in this model's graph"):
+        run_method(model, task, "circuit.compare", {"reference": ["L5H0->logits"]}, store)
+    with pytest.raises(WorkbenchError, match="is not an edge"):
+        run_method(model, task, "circuit.compare", {"reference": ["L0H0=>L1H0"]}, store)
+    with pytest.raises(WorkbenchError, match="either as reference"):
+        run_method(model, task, "circuit.compare", {}, store)
