@@ -131,3 +131,72 @@ def compare(model, task, params: CompareParams, ctx):
                 (f"{level}_reference_size", float(r.sum()))]
     frame = pd.DataFrame({"component": "model", "metric": [m for m, _ in out], "value": [v for _, v in out]})
     return Result(frame, meta={"discovery_run": ctx.inputs["discovery"].run_id, "reference_edges": len(edges)})
+
+
+def _other_default() -> Need:
+    from circuits.eap import EAPIGParams
+    from workbench.spec import TaskSpec
+
+    return Need("discovery.eap_ig", EAPIGParams(), TaskSpec.parse("reciprocal"))
+
+
+@dataclass(frozen=True)
+class OverlapParams:
+    discovery: Need = field(default_factory=_discovery_default)  # on this run's task
+    other: Need = field(default_factory=_other_default)  # on the task to compare with
+    fraction: float = 0.02  # each circuit: the top edges at this share of all edges (pruned)
+
+    def __post_init__(self):
+        for name in ("discovery", "other"):
+            need = getattr(self, name)
+            require(_edge_metric(need) is not None, f"{name} names a '{need.method}' run, which scores no edges")
+        require(self.other.task is not None,
+                "other must name its task, e.g. other = { method = 'discovery.eap_ig', task = 'reciprocal' }")
+        require(0 < self.fraction <= 1, f"fraction = {self.fraction} must be a share of the edges in (0, 1]")
+
+
+OVERLAP_OUTPUTS = Outputs(tuple(
+    Metric(f"{level}_{name}", meaning.format(level=level), "model", (), "summary")
+    for level in ("edge", "head")
+    for name, meaning in (("shared_of_this", "share of this task's in-circuit {level}s that the other task's circuit has"),
+                          ("shared_of_other", "share of the other task's in-circuit {level}s that this circuit has"),
+                          ("jaccard", "in-circuit {level}s in both / in either"),
+                          ("count_this", "in-circuit {level}s of this task"), ("count_other", "in-circuit {level}s of the other task"))
+))
+
+
+def circuit_heads(graph: Graph, keep: Tensor, group: int) -> set[str]:
+    """Heads a circuit's edges leave or enter (a key/value head counts as its group's query heads)."""
+    heads = {graph.sources[s] for s in torch.nonzero(keep.any(1)).flatten().tolist()}
+    for t in torch.nonzero(keep.any(0)).flatten().tolist():
+        kind, layer, head = parse_node(graph.targets[t].node)
+        if kind == "kv_head":
+            heads |= {f"L{layer}H{h}" for h in range(head * group, (head + 1) * group)}
+        elif kind == "head":
+            heads.add(graph.targets[t].node)
+    return {h for h in heads if parse_node(h)[0] == "head"}
+
+
+@register("circuit.overlap", OverlapParams,
+          "component reuse across tasks (Merullo et al.): shared in-circuit edges and heads of two tasks' circuits",
+          OVERLAP_OUTPUTS, needs=lambda p: {"discovery": p.discovery, "other": p.other})
+def overlap(model, task, params: OverlapParams, ctx):
+    from circuits.faithfulness import top_edges
+    from workbench.result import Result
+
+    graph = build_graph(model)
+    group = model.n_heads // model.n_kv_heads
+    n = max(1, int(params.fraction * graph.n_edges()))
+    keeps = [top_edges(graph, scores_from_rows(graph, ctx.inputs[name].metric(_edge_metric(need))), n, group)
+             for name, need in (("discovery", params.discovery), ("other", params.other))]
+    out = []
+    for level, a, b in (("edge", set(map(tuple, torch.nonzero(keeps[0]).tolist())), set(map(tuple, torch.nonzero(keeps[1]).tolist()))),
+                        ("head", circuit_heads(graph, keeps[0], group), circuit_heads(graph, keeps[1], group))):
+        both = len(a & b)
+        out += [(f"{level}_shared_of_this", both / max(1, len(a))), (f"{level}_shared_of_other", both / max(1, len(b))),
+                (f"{level}_jaccard", both / max(1, len(a | b))), (f"{level}_count_this", float(len(a))),
+                (f"{level}_count_other", float(len(b)))]
+    frame = pd.DataFrame({"component": "model", "metric": [m for m, _ in out], "value": [v for _, v in out]})
+    return Result(frame, meta={"runs": {k: ctx.inputs[k].run_id for k in ("discovery", "other")}, "edges_each": n,
+                               "heads_this": sorted(circuit_heads(graph, keeps[0], group)),
+                               "heads_other": sorted(circuit_heads(graph, keeps[1], group))})

@@ -226,3 +226,19 @@ def test_rankings_are_scored_against_a_reference_circuit(planted):
         run_method(model, task, "circuit.compare", {"reference": ["L0H0=>L1H0"]}, store)
     with pytest.raises(WorkbenchError, match="either as reference"):
         run_method(model, task, "circuit.compare", {}, store)
+
+
+def test_overlap_between_tasks_counts_shared_edges_and_heads(planted):
+    model, task = planted
+    store = _store()
+    same = {"method": "discovery.eap", "task": "induction", "task_params": {"n_prompts": 8, "seq_len": 8}}
+    other = {"method": "discovery.eap", "task": "induction", "task_params": {"n_prompts": 8, "seq_len": 6, "seed": 3}}
+    itself = run_method(model, task, "circuit.overlap", {"discovery": {"method": "discovery.eap"}, "other": same,
+                                                         "fraction": 0.15}, store)
+    assert itself.value("edge_jaccard") == 1.0 and itself.value("head_jaccard") == 1.0  # a task against itself
+    assert set(itself.meta["heads_this"]) == {"L0H0", "L1H0"}  # the planted circuit's heads, not the decoy
+    shifted = run_method(model, task, "circuit.overlap", {"discovery": {"method": "discovery.eap"}, "other": other,
+                                                          "fraction": 0.15}, store)
+    assert shifted.value("head_shared_of_this") == 1.0  # the same mechanism serves both prompt sets
+    with pytest.raises(WorkbenchError, match="other must name its task"):
+        run_method(model, task, "circuit.overlap", {"other": {"method": "discovery.eap"}}, store)

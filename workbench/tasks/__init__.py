@@ -8,11 +8,13 @@ from typing import Any, Callable
 from workbench.errors import WorkbenchError
 from workbench.params import parse_params, to_dict
 from workbench.tasks.base import Task, validate
+from workbench.tasks.colored_objects import ColoredObjectsParams, build_colored_objects
 from workbench.tasks.factual import FactualParams, build_factual
 from workbench.tasks.induction import InductionParams, build_induction
 from workbench.tasks.ioi import IOIParams, build_ioi
 from workbench.tasks.jsonl import load_jsonl_task
 from workbench.tasks.needle import NeedleParams, build_needle
+from workbench.tasks.reciprocal import ReciprocalParams, build_reciprocal
 from workbench.tasks.text import TextParams, build_text
 
 
@@ -29,6 +31,10 @@ TASKS: dict[str, TaskGenerator] = {
     "factual": TaskGenerator(FactualParams, build_factual, "subject -> attribute facts, corrupted subjects"),
     "needle": TaskGenerator(NeedleParams, build_needle, "needle in a haystack over context lengths x depths"),
     "corpus": TaskGenerator(TextParams, build_text, "next-token prediction on windows of a text corpus"),
+    "reciprocal": TaskGenerator(ReciprocalParams, build_reciprocal,
+                                "IOI's structure in another sentence: A met B, then B met -> A (ABC-corrupted)"),
+    "colored_objects": TaskGenerator(ColoredObjectsParams, build_colored_objects,
+                                     "the color of one of three objects, corrupted by asking about another"),
 }
 DEFAULT_TASK = "ioi"
 
