@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from circuits.faithfulness import _discovery_default, _edge_metric, roc_auc, scores_from_rows
+from circuits.faithfulness import discovery_default, edge_metric, roc_auc, scores_from_rows
 from circuits.graph import Graph, build_graph
 from workbench.errors import WorkbenchError
 from workbench.methods import Metric, Outputs, get_method, register
@@ -77,12 +77,12 @@ def _reference_metric(need: Need) -> str | None:
 
 @dataclass(frozen=True)
 class CompareParams:
-    discovery: Need = field(default_factory=_discovery_default)
+    discovery: Need = field(default_factory=discovery_default)
     reference: list[str] = ()  # edges, e.g. ["L0H0->L1H0.k", "L1H0->logits"]
     reference_run: Need | None = None  # or a run holding an in-circuit edge set (discovery.acdc)
 
     def __post_init__(self):
-        require(_edge_metric(self.discovery) is not None,
+        require(edge_metric(self.discovery) is not None,
                 f"discovery names a '{self.discovery.method}' run, which scores no edges; name a discovery run")
         require(bool(self.reference) != (self.reference_run is not None),
                 "give the reference circuit either as reference = [edges] or as reference_run = { method = ... }")
@@ -114,7 +114,7 @@ def compare(model, task, params: CompareParams, ctx):
 
     graph = build_graph(model)
     group = model.n_heads // model.n_kv_heads
-    scores = scores_from_rows(graph, ctx.inputs["discovery"].metric(_edge_metric(params.discovery)))
+    scores = scores_from_rows(graph, ctx.inputs["discovery"].metric(edge_metric(params.discovery)))
     if params.reference_run is not None:
         rows = ctx.inputs["reference"].metric(_reference_metric(params.reference_run))
         rows = rows[rows["value"] > 0]
@@ -142,14 +142,14 @@ def _other_default() -> Need:
 
 @dataclass(frozen=True)
 class OverlapParams:
-    discovery: Need = field(default_factory=_discovery_default)  # on this run's task
+    discovery: Need = field(default_factory=discovery_default)  # on this run's task
     other: Need = field(default_factory=_other_default)  # on the task to compare with
     fraction: float = 0.02  # each circuit: the top edges at this share of all edges (pruned)
 
     def __post_init__(self):
         for name in ("discovery", "other"):
             need = getattr(self, name)
-            require(_edge_metric(need) is not None, f"{name} names a '{need.method}' run, which scores no edges")
+            require(edge_metric(need) is not None, f"{name} names a '{need.method}' run, which scores no edges")
         require(self.other.task is not None,
                 "other must name its task, e.g. other = { method = 'discovery.eap_ig', task = 'reciprocal' }")
         require(0 < self.fraction <= 1, f"fraction = {self.fraction} must be a share of the edges in (0, 1]")
@@ -187,7 +187,7 @@ def overlap(model, task, params: OverlapParams, ctx):
     graph = build_graph(model)
     group = model.n_heads // model.n_kv_heads
     n = max(1, int(params.fraction * graph.n_edges()))
-    keeps = [top_edges(graph, scores_from_rows(graph, ctx.inputs[name].metric(_edge_metric(need))), n, group)
+    keeps = [top_edges(graph, scores_from_rows(graph, ctx.inputs[name].metric(edge_metric(need))), n, group)
              for name, need in (("discovery", params.discovery), ("other", params.other))]
     out = []
     for level, a, b in (("edge", set(map(tuple, torch.nonzero(keeps[0]).tolist())), set(map(tuple, torch.nonzero(keeps[1]).tolist()))),

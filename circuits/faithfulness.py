@@ -227,25 +227,25 @@ def scores_from_rows(graph: Graph, rows) -> Tensor:
     return scores
 
 
-def _discovery_default() -> Need:
+def discovery_default() -> Need:
     return Need("discovery.eap_ig", EAPIGParams())
 
 
-def _edge_metric(need: Need) -> str | None:
+def edge_metric(need: Need) -> str | None:
     outputs = get_method(need.method).declared(need.params)
-    return next((m.name for m in outputs.metrics if m.components == ("edge",) and m.role == "effect"), None)
+    return next((m.name for m in outputs.metrics if m.components == ("edge",) and m.role in ("effect", "score")), None)
 
 
 @dataclass(frozen=True)
 class FaithfulnessParams:
-    discovery: Need = field(default_factory=_discovery_default)
+    discovery: Need = field(default_factory=discovery_default)
     ablation: Literal["corrupted", "mean", "zero"] = "corrupted"
     metric: Literal["logit_diff", "prob", "logprob", "kl"] = "logit_diff"
     fractions: list[float] = FRACTIONS
     seed: int = 0  # of the random ranking, the baseline curve
 
     def __post_init__(self):
-        require(_edge_metric(self.discovery) is not None,
+        require(edge_metric(self.discovery) is not None,
                 f"discovery names a '{self.discovery.method}' run, which scores no edges; name a discovery run "
                 "(discovery.eap, discovery.eap_ig)")
         require(bool(self.fractions) and all(0 < f <= 1 for f in self.fractions)
@@ -271,7 +271,7 @@ FAITHFULNESS_OUTPUTS = Outputs((
 def faithfulness(model, task, params: FaithfulnessParams, ctx) -> Result:
     graph = build_graph(model)
     stored = ctx.inputs["discovery"]
-    scores = scores_from_rows(graph, stored.metric(_edge_metric(params.discovery)))
+    scores = scores_from_rows(graph, stored.metric(edge_metric(params.discovery)))
     group = model.n_heads // model.n_kv_heads
     n_edges = graph.n_edges()
     generator = torch.Generator().manual_seed(params.seed)

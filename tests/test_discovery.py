@@ -242,3 +242,18 @@ def test_overlap_between_tasks_counts_shared_edges_and_heads(planted):
     assert shifted.value("head_shared_of_this") == 1.0  # the same mechanism serves both prompt sets
     with pytest.raises(WorkbenchError, match="other must name its task"):
         run_method(model, task, "circuit.overlap", {"other": {"method": "discovery.eap"}}, store)
+
+
+def test_node_circuits_from_head_patching_rank_edges_among_the_top_nodes(planted):
+    model, task = planted
+    store = _store()
+    result = run_method(model, task, "discovery.nodes", {}, store)  # reads (computing) patching.attn_head
+    rows = result.metric("node_edge")
+    patch = run_method(model, task, "patching.attn_head", {}, store).metric("patch_logit_diff").set_index(["layer", "head"])["value"]
+    assert patch[(1, 0)] > 0.5 and abs(patch[(1, 1)]) < 1e-6  # the induction head matters, the decoy not at all
+    ranked = rows.reindex(rows["value"].abs().sort_values(ascending=False).index)
+    top_nodes = {"embed", "logits", "L0H0", "L1H0"}
+    n_inside = sum(1 for r in rows.itertuples() if {r.src, r.dst} <= top_nodes)
+    assert all({r.src, r.dst} <= top_nodes for r in ranked.head(n_inside).itertuples())
+    curve = run_method(model, task, "circuit.faithfulness", {"discovery": {"method": "discovery.nodes"}}, store)
+    assert curve.metric("cpr").set_index("ranking")["value"]["scores"] > curve.metric("cpr").set_index("ranking")["value"]["random"]

@@ -138,7 +138,7 @@ def _export_mib(store, run_id: str, table, out_file: Path) -> None:
     meta = store.meta(run_id)
     spec = meta["spec"]
     outputs = get_method(spec["method"]).declared(spec["params"])
-    names = [m.name for m in outputs.metrics if m.components == ("edge",) and m.role == "effect"]
+    names = [m.name for m in outputs.metrics if m.components == ("edge",) and m.role in ("effect", "score")]
     rows = [r for r in table.to_pylist() if r["metric"] in names[:1]]
     write_file_atomic(out_file, json.dumps(mib_circuit(rows, meta["model_shape"])))
     err.print(f"wrote {len(rows)} edges of run {meta['run_id']} to {out_file} (MIB circuit JSON)")
