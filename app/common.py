@@ -47,6 +47,17 @@ def head_metrics(root: str, run_ids: tuple[str, ...]) -> pd.DataFrame:
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
+def top_circuit(root: str, run_id: str, n_edges: int):
+    nodes, edges, kept, _ = data.top_circuit(Store(root), run_id, n_edges)
+    return nodes, edges, kept
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def edge_count(root: str, run_id: str) -> int:
+    return data.top_circuit(Store(root), run_id, 1)[3]
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
 def run_tensor(root: str, run_id: str, name: str):
     """One stored tensor as a numpy array (cached: patterns are read on every rerun otherwise)."""
     s = Store(root)

@@ -9,7 +9,7 @@ import pandas as pd
 
 from workbench.errors import WorkbenchError
 from workbench.methods import Outputs, get_method
-from workbench.nodes import head_name
+from workbench.nodes import head_name, parse_node
 from workbench.store import Store
 
 
@@ -155,16 +155,16 @@ def node_effects(store: Store, runs: pd.DataFrame, component: str) -> pd.DataFra
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["layer", "value"])
 
 
-def edge_effects(store: Store, runs: pd.DataFrame) -> pd.DataFrame:
-    """Stored edge effects (src, dst, dst_input, value) of runs declaring edge effects."""
-    parts = []
+def edge_effects(store: Store, runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Stored edge effects (src, dst, dst_input, value) per run, of runs declaring edge effects."""
+    out = {}
     for r in runs.itertuples():
         outputs = declared(r.method, r.params)
         names = metrics_where(outputs, lambda m: m.role == "effect" and m.components == ("edge",)) if outputs else []
         if names:
             frame = run_scores(store, r.run_id)
-            parts.append(frame[frame["metric"].isin(names)][["src", "dst", "dst_input", "value"]])
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["src", "dst", "dst_input", "value"])
+            out[r.run_id] = frame[frame["metric"] == names[0]][["src", "dst", "dst_input", "value"]]
+    return out
 
 
 def source_rows(store: Store, runs: pd.DataFrame, layer: int, head: int) -> pd.DataFrame:
@@ -205,3 +205,58 @@ def head_top_features(scores: pd.DataFrame, head: int, n: int = 10) -> pd.DataFr
         table = table[table["frequency"] > 0]
     table = table.sort_values("attribution", ascending=False).head(n).reset_index(drop=True)
     return table.astype({"feature": int})
+
+
+def edge_ranking_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs that score edges (discovery methods; path patching too)."""
+    return runs_declaring(runs, lambda d: any(m.components == ("edge",) and m.role in ("effect", "score") for m in d.metrics))
+
+
+def top_circuit(store: Store, run_id: str, n_edges: int) -> tuple[pd.DataFrame, pd.DataFrame, int, int]:
+    """The circuit of a stored edge ranking's top `n_edges` edges by |score|, pruned as the MIB curve
+    prunes it: (nodes: name, layer, head, value = summed kept outgoing scores; edges: src, dst, value,
+    a key/value head's edge drawn to each head of its group; edges kept; the graph's edge count).
+    Built from the stored scores and the model's shape alone (no model)."""
+    from types import SimpleNamespace
+
+    from circuits.faithfulness import edge_metric, scores_from_rows, top_edges
+    from circuits.graph import build_graph
+    from workbench.spec import Need
+
+    meta = store.meta(run_id)
+    shape = meta["model_shape"]
+    spec = meta["spec"]
+    metric = edge_metric(Need.make(spec["method"], spec["params"]))
+    model = SimpleNamespace(n_layers=shape["n_layers"], n_heads=shape["n_heads"], n_kv_heads=shape["n_kv_heads"],
+                            cfg=SimpleNamespace(attn_only=shape.get("attn_only", False)))
+    graph = build_graph(model)
+    rows = store.scores(run_id)
+    scores = scores_from_rows(graph, rows[rows["metric"] == metric])
+    group = shape["n_heads"] // shape["n_kv_heads"]
+    keep = top_edges(graph, scores, n_edges, group)
+    edges = []
+    for s, t in keep.nonzero().tolist():
+        dst = graph.targets[t].node
+        kind, layer, head = parse_node(dst)
+        for d in ([head_name(layer, h) for h in range(head * group, (head + 1) * group)] if kind == "kv_head" else [dst]):
+            edges.append(dict(src=graph.sources[s], dst=d, value=float(scores[s, t])))
+    edges = pd.DataFrame(edges, columns=["src", "dst", "value"])
+    out = edges.groupby("src")["value"].sum()
+    names = sorted((set(edges["src"]) | set(edges["dst"])) - {"embed", "logits"},
+                   key=lambda n: (parse_node(n)[1], parse_node(n)[2] if parse_node(n)[2] is not None else 1 << 20))
+    nodes = pd.DataFrame([dict(name=n, layer=parse_node(n)[1], head=parse_node(n)[2] if parse_node(n)[0] == "head" else float("nan"),
+                               value=float(out.get(n, 0.0))) for n in names], columns=["name", "layer", "head", "value"])
+    return nodes, edges, int(keep.sum()), graph.n_edges()
+
+
+def faithfulness_of(store: Store, runs: pd.DataFrame, run_id: str) -> dict | None:
+    """The stored faithfulness curve of a discovery run (the newest), as {curve, cpr, cmd, run_id}."""
+    key = store.meta(run_id)["key"]
+    for r in runs_declaring(runs, lambda d: d.metric("cpr") is not None).itertuples():
+        meta = store.meta(r.run_id)
+        if meta["spec"].get("needs", {}).get("discovery") == key:
+            scores = store.scores(r.run_id)
+            per = scores[scores["metric"].isin(["cpr", "cmd"])].set_index(["metric", "ranking"])["value"]
+            return {"curve": scores[scores["metric"] == "faithfulness"], "cpr": per.to_dict(), "run_id": r.run_id,
+                    "n_edges": meta["n_edges"]}
+    return None

@@ -58,6 +58,7 @@ def circuit_figure(nodes: pd.DataFrame, edges: pd.DataFrame, n_layers: int, n_he
 
     pos = {row["name"]: xy(row) for _, row in nodes.iterrows()}
     pos["logits"] = (n_layers, n_heads / 2)
+    pos["embed"] = (-1, n_heads / 2)
     fig = go.Figure()
     top = edges["value"].abs().max() if not edges.empty else 1.0
     for _, e in edges.iterrows():
@@ -81,8 +82,28 @@ def circuit_figure(nodes: pd.DataFrame, edges: pd.DataFrame, n_layers: int, n_he
                              hoverinfo="skip", showlegend=False))
     fig.update_layout(title=title, xaxis_title="layer", yaxis_title="head (MLP on top row)", height=560,
                       margin=dict(l=40, r=20, t=50, b=40))
-    fig.update_xaxes(range=[-0.5, n_layers + 0.5], dtick=1 if n_layers <= 32 else 2)
+    if (edges["src"] == "embed").any():
+        fig.add_trace(go.Scatter(x=[-1], y=[n_heads / 2], mode="markers+text", text=["embed"], textposition="top center",
+                                 marker=dict(size=16, color="#555", symbol="square"), hoverinfo="skip", showlegend=False))
+    fig.update_xaxes(range=[-1.5 if (edges["src"] == "embed").any() else -0.5, n_layers + 0.5], dtick=1 if n_layers <= 32 else 2)
     fig.update_yaxes(range=[n_heads + 0.8, -0.8])
+    return fig
+
+
+def faithfulness_figure(curve: pd.DataFrame, fraction: float) -> go.Figure:
+    """The stored faithfulness curves (the ranking's and random's) over the share of edges kept, with
+    the circuit on screen marked."""
+    fig = go.Figure()
+    for ranking, color in (("scores", "#c0392b"), ("random", "#999")):
+        part = curve[curve["ranking"] == ranking].sort_values("fraction")
+        fig.add_trace(go.Scatter(x=part["fraction"], y=part["value"], mode="lines+markers", name=ranking,
+                                 line=dict(color=color), customdata=part["edges"],
+                                 hovertemplate="%{x:.3%} of edges (%{customdata} kept): %{y:.3f}<extra></extra>"))
+    fig.add_vline(x=fraction, line_dash="dash", annotation_text="this circuit")
+    fig.add_hline(y=1, line_dash="dot")
+    fig.update_layout(title="Faithfulness (MIB): (m(circuit) - m(none)) / (m(full) - m(none))", height=380,
+                      xaxis_title="share of edges kept", yaxis_title="faithfulness", margin=dict(l=40, r=20, t=50, b=40))
+    fig.update_xaxes(type="log")
     return fig
 
 

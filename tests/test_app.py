@@ -26,6 +26,8 @@ RUNS = [
     ("attention.patterns", {"n_prompts": 2}),
     ("attribution.head_sources", {"heads": ["L1H2"]}),
     ("patching.path", {"receivers": ["L1H0"]}),
+    ("discovery.eap", {}),
+    ("circuit.faithfulness", {"discovery": {"method": "discovery.eap"}}),
 ]
 
 
@@ -102,7 +104,7 @@ def test_head_atlas_maps_every_head_and_ranks_the_table_by_the_stored_values(pop
     at = app(store, "head_atlas")
     assert not at.exception
     maps = [f for f in figures(at) if f["data"][0]["type"] == "heatmap"]
-    assert maps and maps[0]["layout"]["title"]["text"] == "patch_logit_diff"  # causal effects are mapped first
+    assert maps and maps[0]["layout"]["title"]["text"] in ("eap_head", "patch_logit_diff")  # causal effects are mapped first
     for fig in maps:
         z = array(fig["data"][0]["z"])
         assert z.shape == (toy.n_layers, toy.n_heads)
@@ -187,6 +189,7 @@ def test_circuit_draws_nodes_above_the_threshold_and_path_patching_edges(populat
     monkeypatch.setenv("WORKBENCH_HOME", str(store.root))
     at = app(store, "circuit")
     assert not at.exception
+    at.radio[0].set_value("node scores").run()  # path patching's edges could also be drawn as a ranked circuit
     label = at.selectbox[2].value
     threshold = at.slider[0].value
     long = head_metrics(store, done_runs(store))
@@ -276,7 +279,11 @@ def test_real_browser_renders_the_head_atlas_and_a_head_page(populated, tmp_path
         head, _ = render(b, f"{url}/head?model={quote(toy.name, safe='')}&head=L1H2", f"L1H2 of {toy.name}", HEATMAP)
         assert not exceptions(head)
         head.screenshot(path=str(tmp_path / "head.png"), full_page=True)
-    assert (tmp_path / "atlas.png").stat().st_size > 10_000 and (tmp_path / "head.png").stat().st_size > 10_000
+        circuit, _ = render(b, f"{url}/circuit", "Faithfulness (MIB)", ".js-plotly-plot")
+        assert not exceptions(circuit) and circuit.locator(".js-plotly-plot").count() >= 2  # the circuit and its curve
+        circuit.screenshot(path=str(tmp_path / "circuit.png"), full_page=True)
+    for name in ("atlas", "head", "circuit"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 10_000
 
 
 def test_a_new_per_head_method_reaches_the_atlas_and_head_page_by_its_declaration(tmp_path, monkeypatch, toy):
@@ -314,3 +321,22 @@ def test_a_new_per_head_method_reaches_the_atlas_and_head_page_by_its_declaratio
         assert row["value"].item() == 12 and row["rank"].item() == 1 + sum(v > 12 for v in expected.flatten())
     finally:
         _METHODS.pop("test.head_code")
+
+
+def test_circuit_page_draws_a_discovered_circuit_with_its_faithfulness_curve(tmp_path, monkeypatch, toy):
+    store = Store(tmp_path / "discovery")
+    task = build_task(toy, "induction", {"n_prompts": 4, "seq_len": 6})
+    found = run_method(toy, task, "discovery.eap_ig", {"steps": 2}, store)
+    curve = run_method(toy, task, "circuit.faithfulness", {"discovery": {"method": "discovery.eap_ig", "params": {"steps": 2}}}, store)
+    n_edges = len(found.metric("eap_ig"))
+    monkeypatch.setenv("WORKBENCH_HOME", str(store.root))
+    at = app(store, "circuit")
+    assert not at.exception and at.radio[0].value == "a discovery run"
+    at.slider[0].set_value(n_edges).run()  # every edge: nothing to prune
+    lines = [t for t in figures(at)[0]["data"] if t.get("mode") == "lines"]
+    assert len(lines) == n_edges
+    assert float(at.metric[0].value) == pytest.approx(curve.metric("cpr").set_index("ranking")["value"]["scores"], abs=1e-3)
+    marker = [s for s in figures(at)[1]["layout"]["shapes"] if s.get("line", {}).get("dash") == "dash"][0]
+    assert marker["x0"] == pytest.approx(1.0)  # the circuit on screen is marked on the curve
+    at.slider[0].set_value(3).run()  # fewer edges: the graph updates (pruning may keep fewer still)
+    assert len([t for t in figures(at)[0]["data"] if t.get("mode") == "lines"]) <= 3

@@ -17,6 +17,8 @@ USES = {
                              "attribution.logit_lens", "attribution.head_sources", "patching.path", "patching.mlp_out"},
     "02_retrieval_heads.ipynb": {"retrieval.score", "retrieval.masking", "heads.sinks", "heads.detect"},
     "03_attention_saes.ipynb": {"sae.train", "sae.dfa"},
+    "04_circuit_discovery.ipynb": {"discovery.eap_ig", "discovery.eap", "discovery.nodes", "circuit.faithfulness",
+                                   "circuit.overlap", "patching.attn_head"},
 }
 
 

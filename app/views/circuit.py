@@ -9,12 +9,44 @@ import pandas as pd
 import streamlit as st
 
 from app import common, data
-from app.figures import circuit_figure
+from app.figures import circuit_figure, faithfulness_figure
 
 store, root, model, runs = common.model_page("Circuit")
 tasks = sorted(runs["task"].unique())
 task = st.selectbox("Task", tasks, index=tasks.index("ioi") if "ioi" in tasks else 0)
 runs = runs[runs["task"] == task]
+discovered = data.edge_ranking_runs(runs)
+if not discovered.empty and st.radio("Circuit from", ["a discovery run", "node scores"], horizontal=True) == "a discovery run":
+    with_curve = {r: data.faithfulness_of(store, runs, r) is not None for r in discovered["run_id"]}
+    labels = {r.run_id: data.run_label(r) for _, r in discovered.iterrows()}
+    effects = set(data.runs_declaring(discovered, lambda d: any(m.components == ("edge",) and m.role == "effect"
+                                                                for m in d.metrics))["run_id"])
+    run_id = st.selectbox("Discovery run", sorted(labels, key=lambda r: (not with_curve[r], r not in effects)),
+                          format_func=labels.get)
+    total = common.edge_count(root, run_id)
+    n_edges = st.slider("Edges in the circuit (the top ones by |score|, pruned as MIB prunes them)", 1,
+                        min(total, 3000), value=min(total, 200))
+    nodes, edges, kept = common.top_circuit(root, run_id, n_edges)
+    n_layers, n_heads = data.model_shape(store, runs, common.head_metrics(root, tuple(sorted(runs["run_id"]))))
+    st.caption(f"{kept} of {total} edges after pruning; {len(nodes)} heads and MLPs.")
+    event = st.plotly_chart(circuit_figure(nodes, edges, n_layers, n_heads, f"{task}: {labels[run_id]}"), key="discovered",
+                            on_select="rerun", selection_mode="points", width="stretch")
+    picked = [p.get("customdata") for p in (event.selection.points if event else []) if str(p.get("customdata", "")).startswith("L")]
+    if picked:
+        common.open_head(model, picked[0])
+    found = data.faithfulness_of(store, runs, run_id)
+    if found is None:
+        st.info("No faithfulness curve stored for this ranking: run `circuit.faithfulness` with "
+                f"discovery = {{ method = \"{discovered.set_index('run_id').loc[run_id, 'method']}\" }} on this task.")
+    else:
+        c1, c2 = st.columns(2)
+        c1.metric("CPR (area under the curve)", f"{found['cpr'][('cpr', 'scores')]:.3f}",
+                  f"random {found['cpr'][('cpr', 'random')]:.3f}", delta_color="off")
+        c2.metric("CMD (area between the curve and 1)", f"{found['cpr'][('cmd', 'scores')]:.3f}",
+                  f"random {found['cpr'][('cmd', 'random')]:.3f}", delta_color="off")
+        st.plotly_chart(faithfulness_figure(found["curve"], n_edges / found["n_edges"]), width="stretch")
+    st.dataframe(edges.sort_values("value", key=abs, ascending=False), hide_index=True, width="stretch")
+    st.stop()
 long = common.head_metrics(root, tuple(sorted(runs["run_id"])))
 effects = sorted(long[long["role"] == "effect"]["label"].unique())
 node_labels = effects + sorted(set(long["label"]) - set(effects))
@@ -34,7 +66,12 @@ if not mlp_rows.empty and st.toggle("Include MLPs (all-position effects)", value
     nodes = pd.concat([nodes, pd.DataFrame({"name": [f"MLP{int(lyr)}" for lyr in mlps["layer"]], "layer": mlps["layer"].astype(int),
                                             "head": float("nan"), "value": mlps["value"]})], ignore_index=True)
 
-edges = data.edge_effects(store, runs)[["src", "dst", "value"]]
+by_run = data.edge_effects(store, runs)
+edge_labels = {r.run_id: data.run_label(r) for _, r in runs[runs["run_id"].isin(list(by_run))].iterrows()}
+# the sparsest stored edge set reads best as a node circuit's wiring (path patching rather than a full ranking)
+choice = st.selectbox("Edges from", sorted(by_run, key=lambda r: len(by_run[r])) + ["each node's own score"],
+                      format_func=lambda r: edge_labels.get(r, r))
+edges = by_run[choice][["src", "dst", "value"]] if choice in by_run else pd.DataFrame(columns=["src", "dst", "value"])
 if not edges.empty:
     edges = edges[edges["value"].abs() >= st.slider("Show edges with |effect| at least", 0.0,
                                                     float(edges["value"].abs().max()) or 1.0, 0.0, format="%.4f")]
