@@ -106,7 +106,8 @@ class CircuitEvaluator:
 
     @torch.no_grad()
     def _prepared(self, start: int, stop: int) -> tuple[Tensor, Tensor | None]:
-        """(ablated source outputs [batch, pos, source, d_model], clean log-probs for KL) of prompts start:stop."""
+        """(ablated source outputs, source-major [source, batch x pos x d_model], and the clean
+        log-probs for KL) of prompts start:stop."""
         if start in self._cache:
             return self._cache[start]
         tl, n, model = self.model.tl, self.model.n_layers, self.model
@@ -122,9 +123,10 @@ class CircuitEvaluator:
             ablated = self.mean_out.expand(shape)
         clean_logprobs = (_final(tl, tl(self.clean[start:stop, :width], stop_at_layer=n), lengths).float().log_softmax(-1)
                           if self.metric == "kl" else None)  # KL compares with the clean run's output
+        source_major = ablated.permute(2, 0, 1, 3).reshape(shape[2], -1)
         if self.keep_cache:
-            self._cache[start] = (ablated, clean_logprobs)
-        return ablated, clean_logprobs
+            self._cache[start] = (source_major, clean_logprobs)
+        return source_major, clean_logprobs
 
     @torch.no_grad()
     def metrics(self, keeps: Tensor) -> Tensor:
@@ -140,11 +142,10 @@ class CircuitEvaluator:
         totals = torch.zeros(n_circuits, dtype=torch.float64)
         for start in range(0, len(self.task), batch):
             stop = min(start + batch, len(self.task))
-            ablated, clean_logprobs = self._prepared(start, stop)
+            source_major, clean_logprobs = self._prepared(start, stop)
             lengths = self.lengths[start:stop]
             b, width = stop - start, int(lengths.max())
-            delta = torch.zeros(n_circuits, n_sources, b * width * d_model, device=model.device, dtype=ablated.dtype)
-            source_major = ablated.permute(2, 0, 1, 3).reshape(n_sources, -1)  # [source, batch x pos x d_model]
+            delta = torch.empty(n_circuits, n_sources, b * width * d_model, device=model.device, dtype=source_major.dtype)
 
             def put(idx, current):  # current: [circuit, n, batch, pos, d_model]
                 delta[:, idx] = source_major[idx][None] - current.reshape(n_circuits, len(idx), -1)
@@ -164,8 +165,13 @@ class CircuitEvaluator:
 
             def target(act, hook):
                 entries, prefix = self.by_hook[hook.name], self.prefix[hook.name]
-                coef = ablate[:, :prefix, [i for i, _ in entries]].to(delta.dtype)  # [circuit, source, entry]
-                add = torch.bmm(coef.transpose(1, 2), delta[:, :prefix])  # [circuit, entry, batch x pos x d_model]
+                coef = ablate[:, :prefix, [i for i, _ in entries]]  # [circuit, source, entry]
+                active = coef.any(2).any(0).nonzero().flatten()  # only sources with an ablated edge here
+                if len(active) == 0:
+                    return act
+                coef = coef[:, active].to(delta.dtype)
+                part = delta[:, :prefix] if len(active) == prefix else delta[:, active]
+                add = torch.bmm(coef.transpose(1, 2), part)  # [circuit, entry, batch x pos x d_model]
                 add = add.view(n_circuits, len(entries), b, width, d_model).permute(0, 2, 3, 1, 4)
                 if entries[0][1] is None:
                     return act + add[:, :, :, 0].reshape(act.shape)
