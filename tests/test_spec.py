@@ -14,7 +14,8 @@ from workbench.runner import check_outputs, run
 from workbench.spec import Need, RunSpec, TaskSpec
 from workbench.store import Store
 
-REQUIRED = {"patching.path": "needs parameter(s) ['receivers']", "sae.load": "give either path"}
+REQUIRED = {"patching.path": "needs parameter(s) ['receivers']", "sae.load": "give either path",
+            "circuit.compare": "give the reference circuit either"}
 
 
 @pytest.mark.parametrize("name", sorted(all_methods()))
