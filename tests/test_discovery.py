@@ -257,3 +257,25 @@ def test_node_circuits_from_head_patching_rank_edges_among_the_top_nodes(planted
     assert all({r.src, r.dst} <= top_nodes for r in ranked.head(n_inside).itertuples())
     curve = run_method(model, task, "circuit.faithfulness", {"discovery": {"method": "discovery.nodes"}}, store)
     assert curve.metric("cpr").set_index("ranking")["value"]["scores"] > curve.metric("cpr").set_index("ranking")["value"]["random"]
+
+
+def test_discrete_sae_codes_score_heads_that_separate_positives_from_negatives(planted):
+    from circuits.discrete_sae import code_scores, train_codes
+
+    assert code_scores(torch.tensor([[1, 2, 2, 3]]), torch.tensor([[2, 4, -1]])).tolist() == [2.0]  # codes 1 and 3
+    gen = torch.Generator().manual_seed(0)
+    same = torch.randn(12, 4, generator=gen)
+    separated = torch.cat([torch.randn(12, 4, generator=gen) + 6, torch.randn(12, 4, generator=gen) - 6])
+    codes = train_codes(torch.stack([torch.cat([same, same]), separated]), n_features=16, steps=300, l1=1e-3, lr=1e-2, seed=0)
+    scores = code_scores(codes[:, :12], codes[:, 12:])
+    assert scores[0] == 0  # identical vectors on both sides: every positive code also occurs on a negative
+    assert scores[1] >= 1  # separated clusters: positives have codes of their own
+    model, task = planted
+    result = run_method(model, task, "discovery.discrete_sae", {"n_features": 32, "steps": 200}, _store())
+    per_head = result.metric("discrete_sae_score").set_index(["layer", "head"])["value"]
+    assert per_head[(0, 1)] == 0  # a head with no output has one code everywhere
+    assert result.value("positive_prompts") == len(task)  # the wired model answers every clean prompt
+    curve = run_method(model, task, "circuit.faithfulness",
+                       {"discovery": {"method": "discovery.nodes", "params": {"scores": {
+                           "method": "discovery.discrete_sae", "params": {"n_features": 32, "steps": 200}}}}}, _store())
+    assert len(curve.metric("faithfulness")) == 20  # its node circuits are evaluated like any ranking
