@@ -29,9 +29,9 @@ from circuits.patching import unembed_final
 
 
 def answer_directions(model, task) -> Float[Tensor, "batch d_model"]:
-    """W_U[:, answer] - W_U[:, wrong] per prompt: the residual direction of the logit difference."""
+    """W_U[:, answer] - W_U[:, wrong] per prompt: the residual direction of the logit difference (float32)."""
     W_U = model.tl.W_U
-    return (W_U[:, task.answer_ids(W_U.device)] - W_U[:, task.wrong_ids(W_U.device)]).T
+    return (W_U[:, task.answer_ids(W_U.device)] - W_U[:, task.wrong_ids(W_U.device)]).T.float()
 
 
 def _final(x: Tensor, lengths: Int[Tensor, "batch"]) -> Tensor:
@@ -49,7 +49,7 @@ def frozen_final_norm(model, x: Float[Tensor, "batch ... d_model"], scale: Float
     shape = (scale.shape[0],) + (1,) * (x.dim() - 2) + (1,)
     x = x / scale.reshape(shape)
     if norm in ("LN", "RMS"):
-        x = x * model.tl.ln_final.w
+        x = x * model.tl.ln_final.w.to(x.dtype)
     return x
 
 
@@ -95,7 +95,7 @@ def dla_components(model, task, batch_size: int = 16) -> tuple[pd.DataFrame, Flo
         scale = _final(cache["ln_final.hook_scale"], lengths) if model.cfg.normalization_type else torch.ones(len(tokens), 1)
 
         def project(x: Tensor) -> Tensor:  # [batch, ..., d_model] -> [batch, ...]
-            y = frozen_final_norm(model, x, scale)
+            y = frozen_final_norm(model, x.float(), scale.float())  # projected in float32
             return torch.einsum("b...d,bd->b...", y, d)
 
         ids = range(sl.start, sl.start + len(tokens))
@@ -226,7 +226,7 @@ def logit_lens(model, task, params: LogitLensParams, ctx) -> Result:
         resid = [_final(cache[f"blocks.{layer}.hook_resid_pre"], lengths) for layer in range(n)]
         resid.append(_final(cache[f"blocks.{n - 1}.hook_resid_post"], lengths))
         stack = torch.stack(resid, 0)  # [n+1, batch, d_model]
-        logits = unembed_final(tl, stack[:, :, None, :])[:, :, 0]  # [n+1, batch, vocab]
+        logits = unembed_final(tl, stack[:, :, None, :])[:, :, 0].float()  # [n+1, batch, vocab]
         a, w = task.answer_ids(logits.device)[sl], task.wrong_ids(logits.device)[sl]
         idx = torch.arange(len(tokens), device=logits.device)
         diff = logits[:, idx, a] - logits[:, idx, w]

@@ -62,7 +62,7 @@ def attribution_patch(model, task, activations: tuple[str, ...] = ("z",), metric
     with torch.no_grad():
         clean_resid, clean_cache = tl.run_with_cache(clean, names_filter=lambda n: n in names, stop_at_layer=n_layers)
     clean_final = final_logits(clean_resid)
-    clean_logprobs = clean_final.log_softmax(-1)
+    clean_logprobs = clean_final.float().log_softmax(-1)
     clean_value = metric_values(metric, clean_final, answers, wrongs, clean_logprobs).mean()
 
     acts: dict[str, Tensor] = {}
@@ -91,7 +91,7 @@ def attribution_patch(model, task, activations: tuple[str, ...] = ("z",), metric
         per_layer = []
         for layer in range(model.n_layers):
             n = hook_name(a, layer)
-            per_layer.append(_reduce((clean_cache[n] - acts[n]) * grads[n], kind, by_position) / gap)
+            per_layer.append(_reduce((clean_cache[n].float() - acts[n].float()) * grads[n].float(), kind, by_position) / gap)
         out[a] = torch.stack(per_layer).cpu()
     return out, clean_value.item(), corrupt_value
 

@@ -83,7 +83,7 @@ def detector_scores(model, tokens: Int[Tensor, "batch pos"], lengths: Int[Tensor
 def repeat_losses(model, task) -> tuple[float, float]:
     """Mean next-token loss on the first copy and on the repeat of an induction task."""
     tokens, lengths = task.tokens("clean", device=model.device)
-    logprobs = model.tl(tokens).log_softmax(-1)
+    logprobs = model.tl(tokens).float().log_softmax(-1)
     first, repeat = [], []
     for i, row in enumerate(task.rows):
         n = int(lengths[i])

@@ -105,7 +105,8 @@ def unembed_final(tl, resid: Float[Tensor, "... pos d_model"]) -> Float[Tensor, 
 
 def metric_values(metric: str, final_logits: Float[Tensor, "batch vocab"], answers: Int[Tensor, "batch"],
                   wrongs: Int[Tensor, "batch"], clean_logprobs: Float[Tensor, "batch vocab"]) -> Float[Tensor, "batch"]:
-    """The per-prompt metric at the final token."""
+    """The per-prompt metric at the final token (in float32 whatever the model's dtype)."""
+    final_logits = final_logits.float()
     idx = torch.arange(final_logits.shape[0], device=final_logits.device)
     if metric == "logit_diff":
         return final_logits[idx, answers] - final_logits[idx, wrongs]
@@ -169,7 +170,7 @@ class PatchingRun:
         self.final_idx = self.lengths - 1
         rows = torch.arange(len(task), device=device)
         clean_final, corrupt_final = clean_logits[rows, self.final_idx], corrupt_logits[rows, self.final_idx]
-        self.clean_logprobs = clean_final.log_softmax(-1)
+        self.clean_logprobs = clean_final.float().log_softmax(-1)
         clean_v = self._values(clean_final)
         corrupt_v = self._values(corrupt_final)
         self.baselines = Baselines(clean_v.mean().item(), corrupt_v.mean().item())

@@ -51,7 +51,7 @@ def ce_losses(model, task, layer: int, sae, prompts: range, batch_size: int = 8)
         batch = tokens[rows, : int(lengths[rows].max())]
         mask = (torch.arange(batch.shape[1], device=batch.device)[None, 1:] < lengths[rows, None]).float()
         for kind, hooks in (("clean", []), ("sae", [(name, splice)]), ("zero", [(name, zero)])):
-            logprobs = model.tl.run_with_hooks(batch, fwd_hooks=hooks).log_softmax(-1)[:, :-1]
+            logprobs = model.tl.run_with_hooks(batch, fwd_hooks=hooks).float().log_softmax(-1)[:, :-1]
             nll = -logprobs.gather(-1, batch[:, 1:, None])[..., 0]
             sums[kind][0] += (nll * mask).sum().item()
             sums[kind][1] += mask.sum().item()

@@ -8,7 +8,8 @@ from torch import Tensor
 
 
 def last_token_logits(logits: Float[Tensor, "batch pos vocab"], lengths: Int[Tensor, "batch"]) -> Float[Tensor, "batch vocab"]:
-    return logits[torch.arange(logits.shape[0], device=logits.device), lengths.to(logits.device) - 1]
+    """In float32 whatever the model's dtype: metrics are computed in full precision."""
+    return logits[torch.arange(logits.shape[0], device=logits.device), lengths.to(logits.device) - 1].float()
 
 
 def logit_diff(
