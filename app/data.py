@@ -260,3 +260,18 @@ def faithfulness_of(store: Store, runs: pd.DataFrame, run_id: str) -> dict | Non
             return {"curve": scores[scores["metric"] == "faithfulness"], "cpr": per.to_dict(), "run_id": r.run_id,
                     "n_edges": meta["n_edges"]}
     return None
+
+
+def masking_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs that store a masking curve (accuracy with K heads masked, top-K against random)."""
+    return runs_declaring(runs, lambda d: d.metric("masking_curve") is not None)
+
+
+def masking_curve(scores: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A masking run's curve (k, masked, value, low, high: the 95% bootstrap band over tests) and its
+    per-draw accuracies (k, masked, draw, value, heads)."""
+    wide = scores[scores["metric"].str.startswith("masking_curve")].pivot_table(
+        index=["k", "masked"], columns="metric", values="value").reset_index()
+    curve = wide.rename(columns={"masking_curve": "value", "masking_curve_low": "low", "masking_curve_high": "high"})
+    draws = scores[scores["metric"] == "needle_accuracy"][["k", "masked", "draw", "value", "heads"]]
+    return curve[["k", "masked", "value", "low", "high"]].sort_values(["masked", "k"]), draws

@@ -1,5 +1,5 @@
 """Plotly figures the dashboard and notebooks share: layer x head maps, attention patterns,
-circuit graphs, distance profiles. Each takes plain frames/tensors and returns a figure."""
+circuit graphs, distance profiles, masking curves. Each takes plain frames/tensors and returns a figure."""
 
 from __future__ import annotations
 
@@ -104,6 +104,34 @@ def faithfulness_figure(curve: pd.DataFrame, fraction: float) -> go.Figure:
     fig.update_layout(title="Faithfulness (MIB): (m(circuit) - m(none)) / (m(full) - m(none))", height=380,
                       xaxis_title="share of edges kept", yaxis_title="faithfulness", margin=dict(l=40, r=20, t=50, b=40))
     fig.update_xaxes(type="log")
+    return fig
+
+
+def masking_figure(curve: pd.DataFrame, draws: pd.DataFrame, title: str) -> go.Figure:
+    """Accuracy against the number of heads masked: the top-K curve and the random curve (mean over
+    draws), each with its 95% bootstrap band over tests, every random draw as a dot, the unmasked
+    baseline as a line with its band."""
+    fig = go.Figure()
+    base = curve[curve["masked"] == "none"]
+    if len(base):
+        fig.add_hrect(y0=float(base["low"].iloc[0]), y1=float(base["high"].iloc[0]), fillcolor="#999", opacity=0.15, line_width=0)
+        fig.add_hline(y=float(base["value"].iloc[0]), line_dash="dot", annotation_text="nothing masked")
+    for masked, color, fill in (("retrieval", "#c0392b", "rgba(192,57,43,0.18)"), ("random", "#2c7fb8", "rgba(44,127,184,0.18)")):
+        part = curve[curve["masked"] == masked].sort_values("k")
+        if part.empty:
+            continue
+        name = "top-K retrieval heads" if masked == "retrieval" else "K random non-retrieval heads (mean over draws)"
+        fig.add_trace(go.Scatter(x=list(part["k"]) + list(part["k"])[::-1], y=list(part["high"]) + list(part["low"])[::-1],
+                                 fill="toself", fillcolor=fill, line=dict(width=0), hoverinfo="skip", showlegend=False))
+        fig.add_trace(go.Scatter(x=part["k"], y=part["value"], mode="lines+markers", name=name, line=dict(color=color),
+                                 hovertemplate="K = %{x}: %{y:.2f}<extra></extra>"))
+    dots = draws[draws["masked"] == "random"]
+    if len(dots):
+        fig.add_trace(go.Scatter(x=dots["k"], y=dots["value"], mode="markers", name="one random draw",
+                                 marker=dict(color="#2c7fb8", size=6, symbol="circle-open"),
+                                 hovertemplate="K = %{x}, draw: %{y:.2f}<extra></extra>"))
+    fig.update_layout(title=title, height=400, xaxis_title="heads masked (K)", yaxis_title="needle accuracy",
+                      yaxis_range=[-0.05, 1.05], margin=dict(l=40, r=20, t=50, b=40))
     return fig
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import random
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Literal
@@ -39,7 +40,7 @@ from circuits.patching import unembed_final
 from workbench.errors import WorkbenchError
 from workbench.methods import Metric, Outputs, register
 from workbench.nodes import head_name
-from workbench.params import require
+from workbench.params import require, to_dict
 from workbench.result import Result
 from workbench.spec import Need
 
@@ -198,6 +199,16 @@ def score_tests(model, tests: list[NeedleTest], params: RetrievalParams) -> Scor
     return scored
 
 
+def few_counted_warning(counted: int, n: int) -> list[str]:
+    """A warning (also raised as a Python warning, for notebooks) when fewer than half the tests count."""
+    if 2 * counted >= n:
+        return []
+    text = (f"the model answered only {counted} of {n} needle tests, so the scores rest on those few; an instruct model "
+            "answers when prompted in its chat format (task_params prompt_format = \"auto\")")
+    warnings.warn(text, stacklevel=2)
+    return [text]
+
+
 RETRIEVAL_OUTPUTS = Outputs((
     Metric("retrieval_score", "copy-paste score: share of the needle the head copies while the model answers, mean over "
            "answered tests"),
@@ -223,8 +234,9 @@ def retrieval_score(model, task, params: RetrievalParams, ctx) -> Result:
                       "value": [scored.counted.float().mean().item(), (scores > params.threshold).float().mean().item(),
                                 (scores == 0).float().mean().item()]}),
     ]
-    meta = {"responses": scored.responses, "counted_tests": int(scored.counted.sum()), "tests": n,
-            "threshold": params.threshold, "tensor_dims": {"copy_scores": ["test", "layer", "head"]}}
+    counted = int(scored.counted.sum())
+    meta = {"responses": scored.responses, "counted_tests": counted, "tests": n, "threshold": params.threshold,
+            "warnings": few_counted_warning(counted, n), "tensor_dims": {"copy_scores": ["test", "layer", "head"]}}
     return Result(pd.concat(frames, ignore_index=True), tensors={"copy_scores": scored.copy.float()}, meta=meta)
 
 
@@ -233,32 +245,111 @@ def retrieval_score(model, task, params: RetrievalParams, ctx) -> Result:
 # ---------------------------------------------------------------------------------------------
 
 
-def mask_hooks(model, heads: list[tuple[int, int]], mask: str, means: dict[str, Tensor] | None = None) -> list[Hook]:
-    """Hooks that knock out `heads`: zero the query (uniform attention), or zero / mean-ablate the output."""
-    by_layer: dict[int, list[int]] = {}
-    for layer, head in heads:
-        by_layer.setdefault(layer, []).append(head)
-    hooks = []
-    for layer, hs in by_layer.items():
-        name = f"blocks.{layer}.attn.hook_{'q' if mask == 'query' else 'z'}"
-        value = means[name][hs] if mask == "mean" else None
+def head_mask(model, head_sets: list[list[tuple[int, int]]]) -> Tensor:
+    """[row, layer, head] bool: the heads each row knocks out."""
+    drop = torch.zeros(len(head_sets), model.n_layers, model.n_heads, dtype=torch.bool)
+    for row, heads in enumerate(head_sets):
+        for layer, head in heads:
+            drop[row, layer, head] = True
+    return drop
 
-        def hook(act, hook, hs=hs, value=value):  # act: [batch, pos, head, d_head]
-            act[:, :, hs] = 0 if value is None else value.to(act.dtype)
-            return act
+
+def mask_hooks(model, drop: Tensor, mask: str, means: dict[str, Tensor] | None = None) -> list[Hook]:
+    """Hooks that knock out, in batch row r, the heads `drop[r]` marks: zero the query (uniform
+    attention), or zero / mean-ablate the output."""
+    hooks = []
+    for layer in drop.any(0).any(-1).nonzero().flatten().tolist():
+        name = f"blocks.{layer}.attn.hook_{'q' if mask == 'query' else 'z'}"
+        gone = drop[:, layer].to(model.device)[:, None, :, None]  # [row, 1, head, 1]
+        fill = means[name].to(model.device) if mask == "mean" else None  # [head, d_head]
+
+        def hook(act, hook, gone=gone, fill=fill):  # act: [batch, pos, head, d_head]
+            return torch.where(gone, torch.zeros((), dtype=act.dtype) if fill is None else fill.to(act.dtype), act)
 
         hooks.append((name, hook))
     return hooks
 
 
-def accuracy(model, tests: list[NeedleTest], params: RetrievalParams, hooks: list[Hook], desc: str) -> float:
-    """Share of tests whose response reaches the ROUGE threshold (decoding stops once it does)."""
-    hits = 0
+def _stack_caches(caches: list, rows: list[int] | None = None):
+    """The first cache, made to hold the batch of every cache in `caches` (or only its own `rows`)."""
+    out = caches[0]
+    for layer, entry in enumerate(out.entries):
+        if rows is None:
+            entry.past_keys = torch.cat([c.entries[layer].past_keys for c in caches])
+            entry.past_values = torch.cat([c.entries[layer].past_values for c in caches])
+        else:
+            entry.past_keys, entry.past_values = entry.past_keys[rows], entry.past_values[rows]
+    out.previous_attention_mask = (torch.cat([c.previous_attention_mask for c in caches]) if rows is None
+                                   else out.previous_attention_mask[rows])
+    return out
+
+
+@torch.no_grad()
+def decode_masked(model, test: NeedleTest, drop: Tensor, mask: str, means, params: RetrievalParams) -> list[list[int]]:
+    """Greedy answers to one test, one per row of `drop` (the heads that row knocks out). Each row is
+    prefilled alone (on a CPU a batch of long prompts is slower than one at a time), then the rows
+    decode together, leaving the batch when they answer, emit a special token or reach max_new_tokens."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    tl, stops = model.tl, _stop_ids(model)
+    x = torch.tensor([test.prompt], device=model.device)
+    caches, nxt = [], []
+    for row in range(len(drop)):
+        cache = TransformerLensKeyValueCache.init_cache(tl.cfg, model.device, 1)
+        with tl.hooks(fwd_hooks=mask_hooks(model, drop[row : row + 1], mask, means)):
+            resid = tl(x, past_kv_cache=cache, attention_mask=torch.ones_like(x), stop_at_layer=model.n_layers)
+        caches.append(cache)
+        nxt.append(int(unembed_final(tl, resid[:, -1:])[0, -1].argmax()))
+    cache, active, outs = _stack_caches(caches), list(range(len(drop))), [[] for _ in range(len(drop))]
+    while True:
+        keep = []
+        for j, (row, token) in enumerate(zip(active, nxt)):
+            if token in stops:
+                continue
+            outs[row].append(token)
+            if len(outs[row]) < params.max_new_tokens and test.recall(model, outs[row]) <= params.rouge_threshold:
+                keep.append(j)
+        if not keep:
+            return outs
+        if len(keep) < len(active):
+            cache = _stack_caches([cache], keep)
+            active = [active[j] for j in keep]
+        x = torch.tensor([[outs[row][-1]] for row in active], device=model.device)
+        with tl.hooks(fwd_hooks=mask_hooks(model, drop[active], mask, means)):
+            resid = tl(x, past_kv_cache=cache, attention_mask=torch.ones_like(x), stop_at_layer=model.n_layers)
+        nxt = unembed_final(tl, resid[:, -1:])[:, -1].argmax(-1).tolist()
+
+
+def outcomes(model, tests: list[NeedleTest], params: RetrievalParams, drop: Tensor, mask: str = "query",
+             means: dict[str, Tensor] | None = None, desc: str = "masking") -> tuple[list[list[bool]], list[list[str]]]:
+    """Per row of `drop` and per test: whether the response reaches the ROUGE threshold (decoding
+    stops once it does), and the response."""
+    hits, responses = [[] for _ in drop], [[] for _ in drop]
     for test in tqdm(tests, desc=desc, leave=False):
-        gen = greedy_generate(model, test.prompt, params.max_new_tokens, hooks=hooks,
-                              until=lambda out, t=test: t.recall(model, out) > params.rouge_threshold)
-        hits += test.recall(model, gen.tokens) > params.rouge_threshold
-    return hits / len(tests)
+        rows = _rows_per_batch(model, len(test.prompt) + params.max_new_tokens)
+        for first in range(0, len(drop), rows):
+            answers = decode_masked(model, test, drop[first : first + rows], mask, means, params)
+            for row, tokens in enumerate(answers, start=first):
+                hits[row].append(test.recall(model, tokens) > params.rouge_threshold)
+                responses[row].append(model.decode(tokens) if model.tokenizer is not None else " ".join(map(str, tokens)))
+    return hits, responses
+
+
+def _rows_per_batch(model, length: int, budget_bytes: int = 2 << 30) -> int:
+    """How many rows decode together: their KV caches (keys and values, every layer) within the budget."""
+    cfg = model.tl.cfg
+    per_row = 2 * cfg.n_layers * (cfg.n_key_value_heads or cfg.n_heads) * cfg.d_head * length * torch.finfo(cfg.dtype).bits // 8
+    return max(1, budget_bytes // per_row)
+
+
+def bootstrap_interval(hits: Tensor, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap over tests of the mean of `hits` [..., test] (draws averaged per test first)."""
+    per_test = hits.double().reshape(-1, hits.shape[-1]).mean(0)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(per_test), (n_boot, len(per_test)), generator=g)
+    means = per_test[idx].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=means.dtype)).tolist()
+    return lo, hi
 
 
 @dataclass(frozen=True)
@@ -267,23 +358,57 @@ class MaskingParams(RetrievalParams):
     mask: Literal["query", "zero", "mean"] = "query"
     n_random: int = 2
     seed: int = 0
+    min_baseline: float = 0.5
+    scores: Need | None = None  # the retrieval.score run that picks the heads; default: on these same tests
 
     def __post_init__(self):
         super().__post_init__()
         require(bool(self.ks) and min(self.ks) >= 1, f"ks = {list(self.ks)} must be head counts of at least 1")
         require(self.n_random >= 1, f"n_random = {self.n_random} must be at least 1")
+        require(0 <= self.min_baseline <= 1, f"min_baseline = {self.min_baseline} is an accuracy: give a value in [0, 1]")
+        require(self.scores is None or self.scores.method == "retrieval.score",
+                f"scores must name a retrieval.score run, not '{getattr(self.scores, 'method', None)}'")
 
 
 def _masking_needs(params: MaskingParams) -> dict[str, Need]:
-    """The scores that pick the heads to mask: the stored `retrieval.score` run with the same scoring parameters."""
+    """The scores that pick the heads to mask: the named `retrieval.score` run (on other needles, for a
+    selection that does not see the test set), or by default one on this task with the same scoring parameters."""
+    if params.scores is not None:
+        return {"scores": params.scores}
     return {"scores": Need("retrieval.score", RetrievalParams(params.max_new_tokens, params.threshold, params.rouge_threshold))}
+
+
+def _needle_set(task_params) -> set[int]:
+    from workbench.tasks.needle import NEEDLES
+
+    chosen = (task_params if isinstance(task_params, dict) else to_dict(task_params) if task_params else {}).get("needles")
+    return set(range(len(NEEDLES))) if chosen is None else set(chosen)
+
+
+def selection(params: MaskingParams, task) -> str:
+    """How the masked heads were chosen relative to the masked tests."""
+    if params.scores is None or params.scores.task is None:
+        return "same tests"
+    other = params.scores.task
+    if other.name != "needle" or task.name != "needle":
+        return "another task"
+    return "held-out needles" if not _needle_set(other.params) & _needle_set(task.params) else "overlapping needles"
+
+
+MASKING_INDEX = ("k", "masked", "draw", "heads")
+MASKING_OUTPUTS = Outputs((
+    Metric("needle_accuracy", "needle accuracy with `heads` masked (k = 0: none masked)", "model", MASKING_INDEX, "detail"),
+    Metric("masking_curve", "needle accuracy per (k, masked), mean over random draws", "model", ("k", "masked"), "summary"),
+    Metric("masking_curve_low", "lower end of the 95% bootstrap interval over tests of masking_curve", "model",
+           ("k", "masked"), "detail"),
+    Metric("masking_curve_high", "upper end of the 95% bootstrap interval over tests of masking_curve", "model",
+           ("k", "masked"), "detail"),
+), tensors={"hits": ("condition", "test")})
 
 
 @register("retrieval.masking", MaskingParams,
           "causal check: needle accuracy with the top-K retrieval heads masked vs K random non-retrieval heads",
-          Outputs((Metric("needle_accuracy", "needle accuracy with `heads` masked (k = 0: none masked, from the scores' run)",
-                          "model", ("k", "masked", "draw", "heads"), "detail"),)),
-          needs=_masking_needs, version=2, task="needle")
+          MASKING_OUTPUTS, needs=_masking_needs, version=3, task="needle")
 def retrieval_masking(model, task, params: MaskingParams, ctx) -> Result:
     ks = sorted(set(params.ks))
     n_total = model.n_layers * model.n_heads
@@ -297,22 +422,43 @@ def retrieval_masking(model, task, params: MaskingParams, ctx) -> Result:
     order = sorted(((layer, h) for layer in range(model.n_layers) for h in range(model.n_heads)),
                    key=lambda lh: -float(scores[lh]))
     non_retrieval = [lh for lh in order if float(scores[lh]) <= params.threshold]
+    for k in ks:
+        if len([lh for lh in non_retrieval if lh not in order[:k]]) < k:
+            raise WorkbenchError(f"only {len(non_retrieval)} non-retrieval heads to draw {k} random heads from; use smaller ks")
+    none = head_mask(model, [[]])
+    (base_hits,), (base_responses,) = outcomes(model, tests, params, none, desc="unmasked")
+    baseline = sum(base_hits) / len(tests)
+    if baseline < params.min_baseline:
+        raise WorkbenchError(
+            f"the unmasked model answers {sum(base_hits)} of {len(tests)} needle tests (accuracy {baseline:.2f}), below "
+            f"min_baseline = {params.min_baseline}: a drop from a broken baseline shows nothing. Use the chat format "
+            f"(task_params prompt_format = \"auto\") for an instruct model, shorter context_lengths, or a lower min_baseline"
+        )
     means = mean_z(model, task) if params.mask == "mean" else None
-    rows = [dict(k=0, masked="none", draw=0, value=stored.value("needle_accuracy"), heads=[])]
+    conditions = [dict(k=0, masked="none", draw=0, heads=[])]
     rng = random.Random(params.seed)
-    for k in tqdm(ks, desc="masking", leave=False):
+    for k in ks:
         top = order[:k]
-        rows.append(dict(k=k, masked="retrieval", draw=0, heads=[head_name(*lh) for lh in top],
-                         value=accuracy(model, tests, params, mask_hooks(model, top, params.mask, means), f"top {k}")))
+        conditions.append(dict(k=k, masked="retrieval", draw=0, heads=top))
         pool = [lh for lh in non_retrieval if lh not in top]
-        if len(pool) < k:
-            raise WorkbenchError(f"only {len(pool)} non-retrieval heads are left to draw {k} random heads from; use smaller ks")
-        for draw in range(params.n_random):
-            chosen = rng.sample(pool, k)
-            rows.append(dict(k=k, masked="random", draw=draw, heads=[head_name(*lh) for lh in chosen],
-                             value=accuracy(model, tests, params, mask_hooks(model, chosen, params.mask, means),
-                                            f"random {k} #{draw}")))
-    frame = pd.DataFrame(rows).assign(component="model", metric="needle_accuracy")
-    meta = {"mask": params.mask, "tests": len(tests), "retrieval_heads": int((scores > params.threshold).sum()),
-            "scores_run": stored.run_id}
-    return Result(frame, meta=meta)
+        conditions += [dict(k=k, masked="random", draw=d, heads=rng.sample(pool, k)) for d in range(params.n_random)]
+    masked_hits, masked_responses = outcomes(model, tests, params, head_mask(model, [c["heads"] for c in conditions[1:]]),
+                                             params.mask, means, f"masking ({len(conditions) - 1} head sets per test)")
+    hits = [base_hits] + masked_hits
+    labels = [f"{c['masked']} {c['k']}" + (f" #{c['draw']}" if c["masked"] == "random" else "") for c in conditions[1:]]
+    responses = {"none": base_responses, **dict(zip(labels, masked_responses))}
+    hits_t = torch.tensor(hits, dtype=torch.bool)  # [condition, test]
+    rows = [dict(metric="needle_accuracy", value=hits_t[i].double().mean().item(), k=c["k"], masked=c["masked"],
+                 draw=c["draw"], heads=[head_name(*lh) for lh in c["heads"]]) for i, c in enumerate(conditions)]
+    for (k, masked) in dict.fromkeys((c["k"], c["masked"]) for c in conditions):
+        group = hits_t[[i for i, c in enumerate(conditions) if (c["k"], c["masked"]) == (k, masked)]]
+        lo, hi = bootstrap_interval(group, seed=params.seed)
+        rows += [dict(metric=m, value=v, k=k, masked=masked, draw=None, heads=None) for m, v in
+                 (("masking_curve", group.double().mean().item()), ("masking_curve_low", lo), ("masking_curve_high", hi))]
+    frame = pd.DataFrame(rows).assign(component="model")
+    meta = {"mask": params.mask, "tests": len(tests), "answered_unmasked": int(sum(base_hits)), "baseline_accuracy": baseline,
+            "retrieval_heads": int((scores > params.threshold).sum()), "scores_run": stored.run_id,
+            "selection": selection(params, task), "responses": responses,
+            "warnings": few_counted_warning(int(sum(base_hits)), len(tests)),
+            "tensor_dims": {"hits": ["condition", "test"]}}
+    return Result(frame, tensors={"hits": hits_t.to(torch.uint8)}, meta=meta)

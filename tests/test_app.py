@@ -340,3 +340,25 @@ def test_circuit_page_draws_a_discovered_circuit_with_its_faithfulness_curve(tmp
     assert marker["x0"] == pytest.approx(1.0)  # the circuit on screen is marked on the curve
     at.slider[0].set_value(3).run()  # fewer edges: the graph updates (pruning may keep fewer still)
     assert len([t for t in figures(at)[0]["data"] if t.get("mode") == "lines"]) <= 3
+
+
+def test_head_atlas_draws_a_masking_curve_with_its_bands_from_the_stored_run(tmp_path, monkeypatch):
+    from toy_circuits import make_induction_toy, needle_task
+    from workbench.models import from_hooked_transformer
+
+    store = Store(tmp_path / "store")
+    wired = from_hooked_transformer(make_induction_toy(), "wired-induction")
+    result = run_method(wired, needle_task(), "retrieval.masking", {"max_new_tokens": 6, "ks": [1, 2], "n_random": 2}, store)
+    monkeypatch.setenv("WORKBENCH_HOME", str(store.root))
+    at = app(store, "head_atlas")
+    assert not at.exception
+    fig = next(f for f in figures(at) if f["layout"]["title"]["text"].startswith("Needle accuracy with heads masked"))
+    lines = {t["name"]: t for t in fig["data"] if t.get("mode") == "lines+markers"}
+    stored = result.metric("masking_curve").set_index(["masked", "k"])["value"]
+    top, rand = lines["top-K retrieval heads"], lines["K random non-retrieval heads (mean over draws)"]
+    assert list(array(top["x"])) == [1, 2] and list(array(top["y"])) == [stored[("retrieval", 1)], stored[("retrieval", 2)]]
+    assert list(array(rand["y"])) == [stored[("random", 1)], stored[("random", 2)]]
+    assert list(array(top["y"])) == [0.0, 0.0]  # the wired copying head is always the top one
+    dots = next(t for t in fig["data"] if t.get("name") == "one random draw")
+    assert len(array(dots["y"])) == 4
+    assert any(s.get("y0") == 1.0 for s in fig["layout"]["shapes"])  # the unmasked baseline

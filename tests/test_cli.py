@@ -110,6 +110,11 @@ def test_mismatched_prompt_pair_fails_before_any_run_is_written(tmp_path, toy_di
         ('[[run]]\nmethod = "heads.ablation"\nparams = { heads = ["head5"] }\n', "'head5' is not a head name"),
         ('[[run]]\nmethod = "retrieval.masking"\ntask = "needle"\nparams = { ks = [0, 5] }\n', "must be head counts"),
         ('[[run]]\nmethod = "heads.sinks"\nparams = { threshold = 1.5 }\n', "give a value in (0, 1)"),
+        ('[[run]]\nmethod = "retrieval.masking"\ntask = "needle"\nparams = { scores = { method = "heads.detect" } }\n',
+         "scores must name a retrieval.score run"),
+        ('[[run]]\nmethod = "retrieval.masking"\ntask = "needle"\nparams = { min_baseline = 2 }\n', "min_baseline = 2"),
+        ('[[run]]\nmethod = "retrieval.score"\ntask = "needle"\ntask_params = { prompt_format = "html" }\n',
+         "should be one of 'auto', 'chat', 'plain'"),
         ('[[run]]\nmethod = "sae.dfa"\nparams = { sae = { method = "logit_diff" } }\n', "holds no SAE"),
     ],
 )

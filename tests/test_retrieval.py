@@ -7,14 +7,16 @@ import pytest
 import torch
 
 from conftest import make_toy_tl
-from toy_circuits import make_induction_toy, needle_prompt
+from toy_circuits import make_induction_toy, needle_task
 from workbench.errors import WorkbenchError
 from workbench.models import from_hooked_transformer
 from workbench.runner import run_method
 from workbench.store import Store
 from workbench.tasks import build_task
 from workbench.tasks.base import Task
-from circuits.retrieval import accuracy, greedy_generate, mask_hooks, needle_tests, rouge1_recall, RetrievalParams
+from circuits.retrieval import (MaskingParams, RetrievalParams, bootstrap_interval, decode_masked, greedy_generate, head_mask, mask_hooks, needle_tests,
+                                outcomes, rouge1_recall, selection)
+from workbench.spec import Need, TaskSpec
 
 
 def run(method, model, task, **params):
@@ -25,15 +27,6 @@ def run(method, model, task, **params):
 @pytest.fixture(scope="module")
 def wired():
     return from_hooked_transformer(make_induction_toy(), "wired-induction")
-
-
-def needle_task(seeds=(0, 1, 2)):
-    clean, rows = [], []
-    for s in seeds:
-        prompt, start, end = needle_prompt(seed=s)
-        clean.append(prompt)
-        rows.append(dict(needle_start=start, needle_end=end))
-    return Task("toy-needle", {}, clean, [list(c) for c in clean], [c[-1] for c in clean], [0] * len(clean), rows)
 
 
 def test_the_wired_copying_head_scores_one_and_every_other_head_zero(wired):
@@ -77,14 +70,66 @@ def test_masking_the_copying_head_breaks_retrieval_and_masking_the_idle_head_doe
     tests = needle_tests(wired, task, 6)
     for mask in ("query", "zero", "mean"):
         means = {f"blocks.{layer}.attn.hook_z": torch.zeros(2, wired.d_head) for layer in range(2)} if mask == "mean" else None
-        assert accuracy(wired, tests, params, mask_hooks(wired, [(1, 0)], mask, means), "") == 0.0
-        assert accuracy(wired, tests, params, mask_hooks(wired, [(1, 1)], mask, means), "") == 1.0
+        hits, _ = outcomes(wired, tests, params, head_mask(wired, [[(1, 0)], [(1, 1)], [], [(0, 1), (1, 1)]]), mask, means)
+        assert hits == [[False] * 3, [True] * 3, [True] * 3, [True] * 3]
     result = run("retrieval.masking", wired, task, max_new_tokens=6, ks=[1], n_random=2)
     frame = result.metric("needle_accuracy")
     assert frame[frame["masked"] == "none"]["value"].item() == 1.0
     top = frame[frame["masked"] == "retrieval"]
     assert top["value"].item() == 0.0 and top["heads"].item() == ["L1H0"]
     assert {h for heads in frame[frame["masked"] == "random"]["heads"] for h in heads} <= {"L0H0", "L0H1", "L1H1"}
+    curve = result.metric("masking_curve").set_index("masked")["value"]
+    assert curve["none"] == 1.0 and curve["retrieval"] == 0.0 and curve["random"] == 1.0
+    assert torch.equal(result.tensors["hits"].bool(), torch.tensor([[1, 1, 1], [0, 0, 0], [1, 1, 1], [1, 1, 1]]).bool())
+    assert result.meta["baseline_accuracy"] == 1.0 and result.meta["answered_unmasked"] == 3
+    assert result.meta["selection"] == "same tests" and result.meta["warnings"] == []
+    assert len(result.meta["responses"]["retrieval 1"]) == 3
+
+
+def test_masking_from_a_baseline_below_the_floor_is_refused_and_nothing_is_stored(wired, tmp_path):
+    task, store = needle_task(seeds=(0, 1, 2, 3)), Store(tmp_path / "s")
+    run_method(wired, task, "retrieval.score", {"max_new_tokens": 6}, store)
+    for row in task.rows[1:]:  # three of four spans point at haystack the model never reproduces
+        row["needle_start"], row["needle_end"] = 1, 4
+    broken = Task("toy-needle-broken", {}, task.clean, task.corrupted, task.answers, task.wrongs, task.rows)
+    with pytest.raises(WorkbenchError, match=r"answers 1 of 4 needle tests \(accuracy 0.25\), below min_baseline = 0.5"):
+        run_method(wired, broken, "retrieval.masking", {"max_new_tokens": 6, "ks": [1]}, store)
+    assert set(store.catalog()["method"]) == {"retrieval.score"}
+    with pytest.warns(UserWarning, match="answered only 1 of 4"):
+        low = run_method(wired, broken, "retrieval.masking", {"max_new_tokens": 6, "ks": [1], "min_baseline": 0.2}, store)
+    frame = low.metric("needle_accuracy")
+    assert low.meta["warnings"] and frame[frame["masked"] == "none"]["value"].item() == 0.25
+
+
+def test_scoring_warns_when_fewer_than_half_the_tests_count(wired):
+    task = needle_task(seeds=(0, 1, 2))
+    for row in task.rows[1:]:
+        row["needle_start"], row["needle_end"] = 1, 4
+    with pytest.warns(UserWarning, match="answered only 1 of 3"):
+        result = run("retrieval.score", wired, task, max_new_tokens=6)
+    assert result.meta["counted_tests"] == 1 and result.meta["warnings"]
+
+
+def test_bootstrap_interval_brackets_the_mean_as_the_normal_approximation_does():
+    assert bootstrap_interval(torch.ones(30)) == (1.0, 1.0)
+    half = torch.tensor([1, 0] * 50).bool()
+    lo, hi = bootstrap_interval(half)
+    assert lo == pytest.approx(0.5 - 1.96 * 0.05, abs=0.02) and hi == pytest.approx(0.5 + 1.96 * 0.05, abs=0.02)
+    draws = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0]]).bool()  # per-test means over draws: 1, .5, .5, 0
+    lo, hi = bootstrap_interval(draws)
+    assert 0 <= lo < 0.5 < hi <= 1
+
+
+def test_selection_says_whether_the_heads_were_chosen_on_other_needles():
+    needle = lambda needles: TaskSpec.parse("needle", {"needles": needles})
+    scores = lambda needles: Need("retrieval.score", RetrievalParams(), needle(needles))
+    masked = Task("needle", {"needles": [5, 6]}, [], [], [], [], [])
+    assert selection(MaskingParams(), masked) == "same tests"
+    assert selection(MaskingParams(scores=scores([0, 1])), masked) == "held-out needles"
+    assert selection(MaskingParams(scores=scores([1, 5])), masked) == "overlapping needles"
+    assert selection(MaskingParams(scores=scores(None)), masked) == "overlapping needles"
+    with pytest.raises(WorkbenchError, match="scores must name a retrieval.score run"):
+        MaskingParams(scores=Need("heads.detect", None))
 
 
 def test_masking_reads_the_stored_scores_it_needs(wired, tmp_path):
@@ -95,6 +140,22 @@ def test_masking_reads_the_stored_scores_it_needs(wired, tmp_path):
     assert len(store.catalog()) == 2  # the scores were read, not computed again
     other = run_method(wired, task, "retrieval.masking", {"max_new_tokens": 5, "ks": [1], "n_random": 1}, store)
     assert other.meta["scores_run"] != scores.run_id  # other scoring parameters: other scores, other key
+
+
+def test_masked_rows_decoded_as_one_batch_answer_as_each_mask_decoded_alone():
+    """Batching the head sets of a test must not change any row's answer: on a random model (whose
+    answers depend on every head) each row of a batch equals greedy decoding with its mask alone."""
+    tl = make_toy_tl(n_layers=2, n_heads=4, seed=3, attn_only=False, normalization_type="LN")
+    model = from_hooked_transformer(tl, "toy")
+    prompt = torch.randint(0, 50, (24,)).tolist()
+    test = needle_tests(model, Task("t", {}, [prompt], [prompt], [0], [1], [dict(needle_start=5, needle_end=9)]), 10)[0]
+    sets = [[], [(0, 1)], [(1, 0), (1, 3)], [(0, 0), (0, 2), (1, 1)]]
+    for mask in ("query", "zero"):
+        batched = decode_masked(model, test, head_mask(model, sets), mask, None, RetrievalParams(max_new_tokens=10))
+        alone = [greedy_generate(model, prompt, 10, hooks=mask_hooks(model, head_mask(model, [heads]), mask),
+                                 until=lambda out: test.recall(model, out) > 0.5).tokens for heads in sets]
+        assert batched == alone
+        assert len({tuple(t) for t in batched}) > 1  # the masks do change the answers
 
 
 def test_rouge1_recall_counts_shared_words_with_multiplicity():
@@ -120,5 +181,7 @@ def test_bad_retrieval_input_is_refused(wired, smollm2):
         build_task(smollm2, "needle", {"context_lengths": [16]})
     with pytest.raises(WorkbenchError, match="longer than the model's context"):
         build_task(smollm2, "needle", {"context_lengths": [9000], "needles": [0], "depths": [0.5]})
+    with pytest.raises(WorkbenchError, match="has no chat template; use prompt_format"):
+        build_task(wired, "needle", {"prompt_format": "chat"})
     with pytest.raises(WorkbenchError, match="must be head counts"):
         run("retrieval.masking", wired, needle_task(), ks=[0])

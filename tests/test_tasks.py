@@ -64,6 +64,28 @@ def test_needle_is_where_the_row_says_and_only_in_clean(smollm2):
         assert abs(row["actual_depth"] - row["depth"]) < 0.25
 
 
+def test_chat_formatted_needle_span_covers_exactly_the_needle_tokens(smollm2):
+    from workbench.tasks.needle import NEEDLES
+
+    task = build_task(smollm2, "needle", {"context_lengths": [300], "depths": [0.0, 0.5, 1.0], "needles": [3, 7]})
+    reference = smollm2.tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True)
+    reference = list(reference if isinstance(reference, list) else reference["input_ids"])
+    hello = smollm2.to_tokens("hello", prepend_bos=False)
+    head, tail = reference[: reference.index(hello[0])], reference[reference.index(hello[0]) + len(hello):]
+    for c, k, row in zip(task.clean, task.corrupted, task.rows):
+        assert row["prompt_format"] == "chat" and len(c) == len(k) == row["context_length"]
+        assert c[: len(head)] == head and c[-len(tail):] == tail  # the user turn of the model's own template
+        needle_ids = smollm2.to_tokens(" " + NEEDLES[row["needle"]][0], prepend_bos=False)
+        assert c[row["needle_start"] : row["needle_end"]] == needle_ids
+        assert c[: row["needle_start"]] == k[: row["needle_start"]] and c[row["needle_end"]:] == k[row["needle_end"]:]
+        assert NEEDLES[row["needle"]][2] not in smollm2.decode(k)
+        inside = c[len(head): -len(tail)]
+        assert not set(inside) & set(smollm2.tokenizer.all_special_ids)  # no end token closes the turn early
+    plain = build_task(smollm2, "needle", {"context_lengths": [300], "depths": [0.5], "needles": [3], "prompt_format": "plain"})
+    assert plain.clean[0][: len(head)] != head and plain.rows[0]["prompt_format"] == "plain"
+    assert plain.fingerprint() != task.fingerprint()
+
+
 def test_jsonl_task_with_mixed_lengths_reads_each_prompt_at_its_last_token(smollm2, tmp_path):
     rows = [
         {"clean": "The capital of France is", "corrupted": "The capital of Italy is", "answer": " Paris", "wrong": " Rome"},

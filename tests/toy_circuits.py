@@ -64,3 +64,15 @@ def needle_prompt(seed: int = 0, hay_before: int = 10, needle_len: int = 6, hay_
     start = 1 + hay_before
     end = start + needle_len
     return ids + [ids[start - 1]], start, end
+
+
+def needle_task(seeds=(0, 1, 2)):
+    """A needle task of `needle_prompt`s: the wired induction head answers every one."""
+    from workbench.tasks.base import Task
+
+    clean, rows = [], []
+    for s in seeds:
+        prompt, start, end = needle_prompt(seed=s)
+        clean.append(prompt)
+        rows.append(dict(needle_start=start, needle_end=end))
+    return Task("toy-needle", {}, clean, [list(c) for c in clean], [c[-1] for c in clean], [0] * len(clean), rows)

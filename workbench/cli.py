@@ -54,6 +54,8 @@ def _run_job(job: Path, store_dir: Optional[Path], executor: str) -> list:
         outcomes = execute(runs, store, executor, progress=report)
     for o in outcomes:
         out.print(f"{o.run_id}  {'cached  ' if o.cached else 'computed'}  {o.spec.label()}")
+        for warning in store.meta(o.run_id).get("warnings", []):
+            err.print(f"warning: run {o.run_id}: {warning}", markup=False)
     computed = sum(not o.cached for o in outcomes)
     err.print(f"{len(outcomes)} runs: {computed} computed, {len(outcomes) - computed} already in the store ({store.root})")
     return outcomes
@@ -91,6 +93,8 @@ def show(run_id: str, store: Optional[Path] = StoreOpt,
     spec = meta["spec"]
     out.print(f"run {meta['run_id']}: {spec['method']} on {spec['task']['name']} with {spec['model']['name']} "
               f"(params {spec['params']}, {meta.get('duration_s') or 0:.2f} s)")
+    for line in _reported(meta):
+        out.print(line, markup=False)
     out.print(_text_table(s.score_table(run_id).slice(0, rows)), markup=False)
 
 
@@ -245,6 +249,23 @@ def demo(store: Optional[Path] = StoreOpt, serve: bool = typer.Option(True, "--s
             out.print(line)
     if serve:
         _serve(store, host, port)
+
+
+def _reported(meta: dict) -> list[str]:
+    """What a run reports besides its scores: how many tests counted, its responses, its warnings."""
+    lines = []
+    if "counted_tests" in meta:
+        lines.append(f"counted tests: {meta['counted_tests']} of {meta['tests']}")
+    if "baseline_accuracy" in meta:
+        lines.append(f"unmasked baseline: {meta['answered_unmasked']} of {meta['tests']} tests answered "
+                     f"({meta['baseline_accuracy']:.2f}); heads chosen on {meta['selection']}")
+    responses = meta.get("responses")
+    if isinstance(responses, dict):
+        responses = responses.get("none", [])
+    for i, r in enumerate(responses or []):
+        lines.append(f"response {i}: {r!r}")
+    lines += [f"warning: {w}" for w in meta.get("warnings", [])]
+    return lines
 
 
 def _summary(result, task: str, method: str) -> str | None:

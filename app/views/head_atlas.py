@@ -3,10 +3,11 @@ table joining every stored metric per head (sortable, downloadable); click a cel
 
 from __future__ import annotations
 
+import pandas as pd
 import streamlit as st
 
 from app import common, data
-from app.figures import head_heatmap
+from app.figures import head_heatmap, masking_figure
 
 store, root, model, runs = common.model_page("Head atlas")
 tasks = sorted(runs["task"].unique())
@@ -48,3 +49,17 @@ st.download_button("Download table (CSV)", table.drop(columns=["open"]).to_csv(i
 head = st.selectbox("Open a head", table["name"], key="open-head")
 if st.button("Open head page"):
     common.open_head(model, head)
+
+masking = data.masking_runs(runs)
+if len(masking):
+    st.subheader("Causal check: masking the top-K heads against K random heads")
+    labels = {r.run_id: data.run_label(pd.Series(r._asdict())) for r in masking.itertuples()}
+    run_id = st.selectbox("Masking run", list(labels), format_func=lambda r: f"{r} · {labels[r]}")
+    meta = common.run_meta(root, run_id)
+    curve, draws = data.masking_curve(common.run_scores(root, run_id))
+    st.plotly_chart(masking_figure(curve, draws, f"Needle accuracy with heads masked ({meta.get('mask', 'query')} mask)"),
+                    width="stretch")
+    st.caption(f"{meta['tests']} tests; unmasked, {meta.get('answered_unmasked', '?')} answered; heads chosen on "
+               f"{meta.get('selection', 'the same tests')}; bands: 95% bootstrap over tests.")
+    for warning in meta.get("warnings", []):
+        st.warning(warning)
