@@ -122,7 +122,8 @@ def masking_figure(curve: pd.DataFrame, draws: pd.DataFrame, title: str) -> go.F
             continue
         name = "top-K retrieval heads" if masked == "retrieval" else "K random non-retrieval heads (mean over draws)"
         fig.add_trace(go.Scatter(x=list(part["k"]) + list(part["k"])[::-1], y=list(part["high"]) + list(part["low"])[::-1],
-                                 fill="toself", fillcolor=fill, line=dict(width=0), hoverinfo="skip", showlegend=False))
+                                 mode="lines", fill="toself", fillcolor=fill, line=dict(width=0), hoverinfo="skip",
+                                 showlegend=False))
         fig.add_trace(go.Scatter(x=part["k"], y=part["value"], mode="lines+markers", name=name, line=dict(color=color),
                                  hovertemplate="K = %{x}: %{y:.2f}<extra></extra>"))
     dots = draws[draws["masked"] == "random"]
@@ -131,7 +132,8 @@ def masking_figure(curve: pd.DataFrame, draws: pd.DataFrame, title: str) -> go.F
                                  marker=dict(color="#2c7fb8", size=6, symbol="circle-open"),
                                  hovertemplate="K = %{x}, draw: %{y:.2f}<extra></extra>"))
     fig.update_layout(title=title, height=400, xaxis_title="heads masked (K)", yaxis_title="needle accuracy",
-                      yaxis_range=[-0.05, 1.05], margin=dict(l=40, r=20, t=50, b=40))
+                      yaxis_range=[-0.05, 1.05], margin=dict(l=40, r=20, t=50, b=40),
+                      legend=dict(orientation="h", yanchor="top", y=-0.18, x=0))
     return fig
 
 

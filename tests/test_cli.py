@@ -274,3 +274,15 @@ params = { receivers = ["L23H3"], receiver_input = "v", senders = ["L11H5", "L16
         frame = pd.read_csv(out)
         assert list(frame.columns[:6]) == ["component", "layer", "head", "position", "metric", "value"]
         assert frame["value"].notna().all()
+
+
+def test_show_reports_counted_tests_baseline_responses_and_warnings():
+    from workbench.cli import _reported
+
+    score = {"counted_tests": 1, "tests": 4, "responses": ["blue harbor", ""], "warnings": ["answered only 1 of 4"]}
+    assert _reported(score) == ["counted tests: 1 of 4", "response 0: 'blue harbor'", "response 1: ''",
+                                "warning: answered only 1 of 4"]
+    masking = {"tests": 2, "answered_unmasked": 2, "baseline_accuracy": 1.0, "selection": "held-out needles",
+               "responses": {"none": ["a", "b"], "retrieval 5": ["", ""]}, "warnings": []}
+    assert _reported(masking) == ["unmasked baseline: 2 of 2 tests answered (1.00); heads chosen on held-out needles",
+                                  "response 0: 'a'", "response 1: 'b'"]

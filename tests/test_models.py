@@ -1,5 +1,6 @@
 import json
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -160,3 +161,46 @@ def test_local_huggingface_directory_loads_with_grouped_query_attention(tmp_path
     with torch.no_grad():
         diff = model.tl(tokens).log_softmax(-1) - hf(tokens).logits.log_softmax(-1)
     assert diff.abs().max().item() < 1e-4
+
+
+def test_tf32_is_keyed_refused_where_it_cannot_apply_and_set_only_while_a_run_computes(tmp_path, toy_dir):
+    import dataclasses
+
+    from workbench.methods import _METHODS, Outputs, Metric, register
+    from workbench.result import Result
+    from workbench.runner import run_method
+    from workbench.store import Store
+    from workbench.tasks import build_task
+
+    assert ModelSpec.parse({"name": "x", "tf32": True}).tf32
+    with pytest.raises(WorkbenchError, match="only with dtype = \"float32\""):
+        ModelSpec.parse({"name": "x", "dtype": "bfloat16", "tf32": True})
+    if not torch.cuda.is_available():
+        with pytest.raises(WorkbenchError, match="tf32 = true needs a CUDA device"):
+            load_model({"name": str(toy_dir), "tf32": True})
+    plain = load_model(str(toy_dir))
+    fast = from_hooked_transformer(plain.tl, "toy")
+    fast.identity = dataclasses.replace(plain.identity, tf32=True)
+    assert fast.identity.key() != plain.identity.key() and "tf32" not in plain.identity.key()
+
+    @dataclasses.dataclass(frozen=True)
+    class Params:
+        pass
+
+    seen = []
+
+    @register("test.tf32_probe", Params, "records the matmul precision it ran under",
+              Outputs((Metric("tf32_on", "1 when TF32 matrix products were allowed", "model", (), "summary"),)))
+    def probe(model, task, params, ctx):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return Result(pd.DataFrame([dict(component="model", metric="tf32_on", value=float(seen[-1]))]))
+
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        task = build_task(plain, "induction", {"n_prompts": 2, "seq_len": 4})
+        store = Store(tmp_path / "s")
+        assert run_method(fast, task, "test.tf32_probe", {}, store).value("tf32_on") == 1.0
+        assert run_method(plain, task, "test.tf32_probe", {}, store).value("tf32_on") == 0.0
+        assert seen == [True, False] and torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        _METHODS.pop("test.tf32_probe")

@@ -5,7 +5,8 @@ Measured on the toy below (2 layers with MLPs, 4 heads, LayerNorm; induction pro
 corrupted logit difference is only 0.10, which magnifies rounding in normalised effects): head
 patching max |diff| 0.046 (bf16) and 0.008 (fp16) with the same top heads; DLA max |diff| 0.0008 /
 0.0003 (Spearman 0.997 / 1.0); attribution patching Spearman 1.0 for both. On the embedded model
-(IOI, logit difference about 3) bf16 is checked against float32 in the slow test at the end."""
+(16 IOI prompts, logit difference 5.39 in float32, 5.38 in bf16): DLA per head max |diff| 0.014,
+the same top 5 heads, Spearman 0.9994; attribution patching Spearman 0.997 (the slow test at the end)."""
 
 import copy
 import tempfile

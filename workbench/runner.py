@@ -86,7 +86,8 @@ def run_method(model, task, method: str, params: dict[str, Any] | Any = None, st
     spec = run_key_content(model, task, m, parsed, {name: r.meta["key"] for name, r in inputs.items()})
 
     def compute() -> Result:
-        result = m.fn(model, task, parsed, RunContext(store, content_key(spec), inputs))
+        with model.precision():
+            result = m.fn(model, task, parsed, RunContext(store, content_key(spec), inputs))
         check_outputs(m.name, result, m.outputs(parsed))
         result.meta.update(workbench_version=__version__, device=str(model.device),
                            model_shape={"n_layers": model.n_layers, "n_heads": model.n_heads, "n_kv_heads": model.n_kv_heads,

@@ -28,6 +28,7 @@ class ModelSpec:
     prepend_bos: bool | None = None
     dtype: str = "float32"
     device: str | None = None
+    tf32: bool = False
 
     @classmethod
     def parse(cls, spec: "str | dict | ModelSpec") -> "ModelSpec":
@@ -39,11 +40,13 @@ class ModelSpec:
             unknown = set(spec) - {f.name for f in dataclasses.fields(cls)}
             if unknown or not isinstance(spec.get("name"), str):
                 raise WorkbenchError(
-                    f"model spec {spec} is invalid: it needs 'name' and may have 'prepend_bos', 'dtype', 'device'"
+                    f"model spec {spec} is invalid: it needs 'name' and may have 'prepend_bos', 'dtype', 'device', 'tf32'"
                     + (f" (unknown: {sorted(unknown)})" if unknown else "")
                 )
             if spec.get("dtype", "float32") not in DTYPE_NAMES:
                 raise WorkbenchError(f"unknown dtype '{spec['dtype']}'; choose one of {list(DTYPE_NAMES)}")
+            if not isinstance(spec.get("tf32", False), bool) or (spec.get("tf32") and spec.get("dtype", "float32") != "float32"):
+                raise WorkbenchError("tf32 = true switches float32 matrix products to TF32; give it only with dtype = \"float32\"")
             return cls(**spec)
         raise WorkbenchError(f"model spec {spec!r} is neither a name nor a table with 'name'")
 

@@ -14,6 +14,7 @@ transformer-lens stays pinned to 3.9.x.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -73,12 +74,18 @@ def load_model(spec: "str | dict | ModelSpec" = DEFAULT_MODEL) -> Model:
     spec = check_model_spec(spec)
     configure_threads()
     device = spec.device or default_device()
+    if spec.tf32 and not str(device).startswith("cuda"):
+        raise WorkbenchError(f"tf32 = true needs a CUDA device (this model loads on {device}); drop tf32")
     if spec.name in REGISTRY:
-        return REGISTRY[spec.name].load(spec, device)
-    path = Path(spec.name).expanduser()
-    if path.is_dir():
-        return load_tl_dir(path, spec, device) if is_tl_dir(path) else load_hf_dir(path, spec, device)
-    return load_hub(spec, device)
+        model = REGISTRY[spec.name].load(spec, device)
+    else:
+        path = Path(spec.name).expanduser()
+        if path.is_dir():
+            model = load_tl_dir(path, spec, device) if is_tl_dir(path) else load_hf_dir(path, spec, device)
+        else:
+            model = load_hub(spec, device)
+    model.identity = dataclasses.replace(model.identity, tf32=spec.tf32)
+    return model
 
 
 def from_hooked_transformer(tl, name: str, tokenizer=None, prepend_bos: bool = False) -> Model:

@@ -8,8 +8,9 @@ tokenization convention (BOS or not) and shapes read without loading the weights
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -24,9 +25,11 @@ class ModelIdentity:
     prepend_bos: bool
     dtype: str
     source: str
+    tf32: bool = False  # float32 matrix products on TF32 tensor cores (CUDA only)
 
     def key(self) -> dict[str, Any]:
-        return {"name": self.name, "weights_hash": self.weights_hash, "prepend_bos": self.prepend_bos, "dtype": self.dtype}
+        key = {"name": self.name, "weights_hash": self.weights_hash, "prepend_bos": self.prepend_bos, "dtype": self.dtype}
+        return {**key, "tf32": True} if self.tf32 else key
 
 
 SHAPE_KEYS = ("n_layers", "n_heads", "d_head", "d_model", "d_vocab", "n_ctx")
@@ -50,6 +53,16 @@ class Model:
         self._shapes = shapes
         self.identity = identity
         self.tokenizer = tokenizer
+
+    @contextmanager
+    def precision(self) -> Iterator[None]:
+        """Compute with this model's matrix-product precision (TF32 or not), restoring the process's."""
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.identity.tf32
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
     @property
     def tl(self):
