@@ -22,6 +22,7 @@ from torch import Tensor
 
 from circuits.eap import EAPIGParams, _final
 from circuits.graph import Graph, build_graph, check_model, source_hooks, source_outputs, split_inputs
+from circuits.own_hooks import own_hooks
 from circuits.patching import metric_values
 from workbench.errors import WorkbenchError
 from workbench.methods import Metric, Outputs, get_method, register
@@ -180,7 +181,7 @@ class CircuitEvaluator:
                 return view.view(act.shape)
 
             hooks = [(h, source) for h in sorted(self.names)] + [(h, target) for h in self.by_hook]
-            with split_inputs(tl), tl.hooks(fwd_hooks=hooks):
+            with split_inputs(tl), own_hooks(tl, hooks):
                 resid = tl(self.clean[start:stop, :width].repeat(n_circuits, 1), stop_at_layer=n)
             logits = _final(tl, resid, lengths.repeat(n_circuits)).float()
             values = metric_values(self.metric, logits, self.answers[start:stop].repeat(n_circuits),

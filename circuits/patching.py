@@ -24,6 +24,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from circuits.own_hooks import own_hooks
 from workbench.errors import WorkbenchError
 
 # activation -> (hook name template, index kind)
@@ -235,8 +236,8 @@ class PatchingRun:
             hooks = [(hook_name(activation, layer), hook)]
         x = self.base_cache[f"blocks.{layer}.hook_resid_pre"][:, offset:].repeat(n, 1, 1)
         kv = self._kv_prefix(layer, offset, n) if offset > 0 else None
-        resid = tl.run_with_hooks(x, start_at_layer=layer, stop_at_layer=self.model.n_layers, past_kv_cache=kv,
-                                  fwd_hooks=hooks)
+        with own_hooks(tl, hooks):
+            resid = tl(x, start_at_layer=layer, stop_at_layer=self.model.n_layers, past_kv_cache=kv)
         final = self.final_idx.repeat(n) - offset
         reached = final >= 0  # prompts that end before the patched position are unchanged
         rows = torch.arange(n * batch, device=resid.device)

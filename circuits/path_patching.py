@@ -22,6 +22,7 @@ from torch import Tensor
 
 from typing import Literal
 
+from circuits.own_hooks import own_hooks
 from circuits.patching import PatchingRun, unembed_final
 from workbench.errors import WorkbenchError
 from workbench.methods import EDGE_INDEX, Metric, Outputs, register
@@ -84,7 +85,8 @@ class PathPatchingRun(PatchingRun):
         hooks = [(f"blocks.{layer}.attn.hook_z", freeze_z) for layer in range(sender_layer, last_receiver)]
         hooks += [(f"blocks.{layer}.attn.hook_{x}", record) for layer in slots]
         start = base[f"blocks.{sender_layer}.hook_resid_pre"].repeat(n, 1, 1)
-        tl.run_with_hooks(start, start_at_layer=sender_layer, stop_at_layer=last_receiver + 1, fwd_hooks=hooks)
+        with own_hooks(tl, hooks):
+            tl(start, start_at_layer=sender_layer, stop_at_layer=last_receiver + 1)
 
         def patch(act, hook):
             act[:, :, slots[hook.layer()]] = recorded[hook.layer()]
@@ -92,8 +94,8 @@ class PathPatchingRun(PatchingRun):
 
         first_receiver = min(slots)
         start = base[f"blocks.{first_receiver}.hook_resid_pre"].repeat(n, 1, 1)
-        resid = tl.run_with_hooks(start, start_at_layer=first_receiver, stop_at_layer=self.model.n_layers,
-                                  fwd_hooks=[(f"blocks.{layer}.attn.hook_{x}", patch) for layer in slots])
+        with own_hooks(tl, [(f"blocks.{layer}.attn.hook_{x}", patch) for layer in slots]):
+            resid = tl(start, start_at_layer=first_receiver, stop_at_layer=self.model.n_layers)
         rows = torch.arange(n * batch, device=resid.device)
         logits = unembed_final(tl, resid[rows, self.final_idx.repeat(n)][:, None, :])[:, 0]
         return self._values(logits, n).view(n, batch).mean(1)

@@ -36,6 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from circuits.heads import head_frame, mean_z
+from circuits.own_hooks import own_hooks
 from circuits.patching import unembed_final
 from workbench.errors import WorkbenchError
 from workbench.methods import Metric, Outputs, register
@@ -296,7 +297,7 @@ def decode_masked(model, test: NeedleTest, drop: Tensor, mask: str, means, param
     caches, nxt = [], []
     for row in range(len(drop)):
         cache = TransformerLensKeyValueCache.init_cache(tl.cfg, model.device, 1)
-        with tl.hooks(fwd_hooks=mask_hooks(model, drop[row : row + 1], mask, means)):
+        with own_hooks(tl, mask_hooks(model, drop[row : row + 1], mask, means)):
             resid = tl(x, past_kv_cache=cache, attention_mask=torch.ones_like(x), stop_at_layer=model.n_layers)
         caches.append(cache)
         nxt.append(int(unembed_final(tl, resid[:, -1:])[0, -1].argmax()))
@@ -315,7 +316,7 @@ def decode_masked(model, test: NeedleTest, drop: Tensor, mask: str, means, param
             cache = _stack_caches([cache], keep)
             active = [active[j] for j in keep]
         x = torch.tensor([[outs[row][-1]] for row in active], device=model.device)
-        with tl.hooks(fwd_hooks=mask_hooks(model, drop[active], mask, means)):
+        with own_hooks(tl, mask_hooks(model, drop[active], mask, means)):
             resid = tl(x, past_kv_cache=cache, attention_mask=torch.ones_like(x), stop_at_layer=model.n_layers)
         nxt = unembed_final(tl, resid[:, -1:])[:, -1].argmax(-1).tolist()
 
