@@ -28,7 +28,7 @@ import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import pandas as pd
 import torch
@@ -36,7 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from circuits.heads import head_frame, mean_z
-from circuits.own_hooks import own_hooks
+from circuits.own_hooks import Hook, own_hooks
 from circuits.patching import unembed_final
 from workbench.errors import WorkbenchError
 from workbench.methods import Metric, Outputs, register
@@ -44,9 +44,6 @@ from workbench.nodes import head_name
 from workbench.params import require, to_dict
 from workbench.result import Result
 from workbench.spec import Need
-
-Hook = tuple[str | Callable[[str], bool], Callable]
-
 
 @dataclass
 class Generation:
@@ -61,11 +58,9 @@ def _stop_ids(model) -> set[int]:
 
 @torch.no_grad()
 def greedy_generate(model, prompt: list[int], max_new_tokens: int, track_argmax: bool = False,
-                    hooks: list[Hook] = (), until: Callable[[list[int]], bool] | None = None,
-                    stop_at_special: bool = True) -> Generation:
+                    hooks: list[Hook] = (), stop_at_special: bool = True) -> Generation:
     """Greedy decoding through a KV cache; optionally the argmax of every head's current attention
-    row at each step. Stops at a special token (unless told not to), after `max_new_tokens`, or
-    when `until(tokens)`."""
+    row at each step. Stops at a special token (unless told not to) or after `max_new_tokens`."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
     tl = model.tl
@@ -78,7 +73,7 @@ def greedy_generate(model, prompt: list[int], max_new_tokens: int, track_argmax:
     fwd = list(hooks) + ([(lambda n: n.endswith("attn.hook_pattern"), track)] if track_argmax else [])
     stops, out, rows = _stop_ids(model) if stop_at_special else set(), [], []
     x = torch.tensor([prompt], device=model.device)
-    with tl.hooks(fwd_hooks=fwd):
+    with own_hooks(tl, fwd):
         for _ in range(max_new_tokens):
             # an explicit mask: TransformerLens would otherwise treat pad-token ids in the prompt as padding
             resid = tl(x, past_kv_cache=cache, attention_mask=torch.ones_like(x), stop_at_layer=model.n_layers)
@@ -88,8 +83,6 @@ def greedy_generate(model, prompt: list[int], max_new_tokens: int, track_argmax:
             out.append(token)
             if track_argmax:
                 rows.append(torch.stack([current[layer] for layer in range(model.n_layers)]).cpu())
-            if until is not None and until(out):
-                break
             x = torch.tensor([[token]], device=model.device)
     return Generation(out, torch.stack(rows) if rows else torch.zeros(0, model.n_layers, model.n_heads, dtype=torch.long))
 
