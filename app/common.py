@@ -17,6 +17,7 @@ PAGES = {  # url path -> (script, title)
     "features": ("views/features.py", "Features"),
     "explore": ("views/prompt_explorer.py", "Prompt explorer"),
     "launch": ("views/launch.py", "Launch"),
+    "jobs": ("views/jobs.py", "Jobs"),
 }
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 from workbench.errors import WorkbenchError
 from workbench.methods import Outputs, get_method
 from workbench.nodes import head_name, parse_node
-from workbench.store import Store
+from workbench.store import RUN_ID_LEN, Store
 
 
 def done_runs(store: Store, model: str | None = None) -> pd.DataFrame:
@@ -275,3 +275,53 @@ def masking_curve(scores: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     curve = wide.rename(columns={"masking_curve": "value", "masking_curve_low": "low", "masking_curve_high": "high"})
     draws = scores[scores["metric"] == "needle_accuracy"][["k", "masked", "draw", "value", "heads"]]
     return curve[["k", "masked", "value", "low", "high"]].sort_values(["masked", "k"]), draws
+
+
+def job_table(records: list[dict]) -> pd.DataFrame:
+    """One row per job record (newest first): id, state, executor, file, units per state, start time."""
+    from workbench.job_record import counts, job_state
+
+    rows = [{"job_id": r["job_id"], "state": job_state(r), "executor": r["executor"], "file": r["file"],
+             "units": len(r["units"]), **counts(r), "started": pd.to_datetime(r["started"], unit="s")} for r in records]
+    return pd.DataFrame(rows, columns=["job_id", "state", "executor", "file", "units", "pending", "running", "done",
+                                       "skipped", "failed", "started"])
+
+
+def job_units(record: dict) -> pd.DataFrame:
+    """One row per unit of a job: state (a running unit of an interrupted job shows as interrupted),
+    run id, what it runs, where, attempts, the method's own progress (0-1, when it reports one) and
+    a failure's message."""
+    from workbench.job_record import job_state
+
+    interrupted = job_state(record) == "interrupted"
+    rows = []
+    for i, u in enumerate(record["units"]):
+        p = u.get("progress") or {}
+        rows.append({"unit": i, "state": "interrupted" if interrupted and u["state"] == "running" else u["state"],
+                     "run_id": u["run_id"], "method": u["spec"]["method"], "unit_label": u["label"], "node": u["node"],
+                     "attempts": u["attempts"], "progress": p["n"] / p["total"] if p.get("total") else None,
+                     "step": p.get("desc"), "message": u["message"]})
+    return pd.DataFrame(rows, columns=["unit", "state", "run_id", "method", "unit_label", "node", "attempts", "progress",
+                                       "step", "message"])
+
+
+def job_circuits(store: Store, record: dict) -> pd.DataFrame:
+    """The circuits a job scored: one row per stored faithfulness run among its units, with the
+    task, the seed, the discovery method it ranked, CPR and CMD for the ranking and for random,
+    and the discovery run's id (open it on the Circuit page)."""
+    rows = []
+    for u in record["units"]:
+        if u["spec"]["method"] != "circuit.faithfulness" or u["state"] not in ("done", "skipped"):
+            continue
+        meta = store.meta(u["run_id"])
+        discovery = u["spec"]["params"]["discovery"]
+        scores = store.scores(u["run_id"])
+        per = scores[scores["metric"].isin(["cpr", "cmd"])].set_index(["metric", "ranking"])["value"]
+        inner = discovery.get("params", {}).get("scores", {}).get("method")
+        rows.append({"task": meta["spec"]["task"]["name"], "seed": meta["spec"]["task"]["params"].get("seed", 0),
+                     "discovery": discovery["method"] + (f" ({inner})" if inner else ""),
+                     "cpr": per[("cpr", "scores")], "cpr_random": per[("cpr", "random")],
+                     "cmd": per[("cmd", "scores")], "cmd_random": per[("cmd", "random")],
+                     "discovery_run": meta["spec"]["needs"]["discovery"][:RUN_ID_LEN], "faithfulness_run": u["run_id"]})
+    return pd.DataFrame(rows, columns=["task", "seed", "discovery", "cpr", "cpr_random", "cmd", "cmd_random",
+                                       "discovery_run", "faithfulness_run"])

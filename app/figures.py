@@ -107,6 +107,24 @@ def faithfulness_figure(curve: pd.DataFrame, fraction: float) -> go.Figure:
     return fig
 
 
+def sweep_figure(circuits: pd.DataFrame) -> go.Figure:
+    """A sweep's circuits: CPR of each discovery method's ranking, a dot per (task, seed) coloured by
+    task, with the random ranking's CPR of the same run as a grey cross."""
+    fig = go.Figure()
+    palette = ["#c0392b", "#2c7fb8", "#27ae60", "#8e44ad", "#e67e22"]
+    for i, (task, part) in enumerate(circuits.groupby("task", sort=True)):
+        fig.add_trace(go.Scatter(x=part["discovery"], y=part["cpr"], mode="markers", name=task,
+                                 marker=dict(color=palette[i % len(palette)], size=11), customdata=part[["seed", "cmd"]],
+                                 hovertemplate="%{x}, seed %{customdata[0]}: CPR %{y:.3f}, CMD %{customdata[1]:.3f}<extra>"
+                                               + task + "</extra>"))
+    fig.add_trace(go.Scatter(x=circuits["discovery"], y=circuits["cpr_random"], mode="markers", name="random ranking",
+                             marker=dict(color="#999", size=9, symbol="x"), hovertemplate="random: CPR %{y:.3f}<extra></extra>"))
+    fig.update_layout(title="Circuits of this job: CPR (area under the faithfulness curve; higher is better)", height=420,
+                      yaxis_title="CPR", margin=dict(l=40, r=20, t=50, b=40),
+                      legend=dict(orientation="h", yanchor="top", y=-0.25, x=0))
+    return fig
+
+
 def masking_figure(curve: pd.DataFrame, draws: pd.DataFrame, title: str) -> go.Figure:
     """Accuracy against the number of heads masked: the top-K curve and the random curve (mean over
     draws), each with its 95% bootstrap band over tests, every random draw as a dot, the unmasked

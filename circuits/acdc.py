@@ -19,7 +19,7 @@ from typing import Literal
 import pandas as pd
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from workbench.progress import tqdm
 
 from circuits.faithfulness import CircuitEvaluator
 from circuits.graph import Graph, build_graph

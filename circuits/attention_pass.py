@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
+from workbench.progress import tqdm
 
 from workbench.errors import WorkbenchError
 

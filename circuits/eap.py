@@ -23,7 +23,7 @@ from typing import Iterator, Literal
 import pandas as pd
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from workbench.progress import tqdm
 
 from circuits.graph import Graph, build_graph, check_model, source_hooks, source_outputs
 from circuits.patching import Baselines, metric_values, unembed_final

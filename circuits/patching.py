@@ -22,7 +22,7 @@ from typing import Iterable
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
+from workbench.progress import tqdm
 
 from circuits.own_hooks import own_hooks
 from workbench.errors import WorkbenchError

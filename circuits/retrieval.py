@@ -33,7 +33,7 @@ from typing import Literal
 import pandas as pd
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from workbench.progress import tqdm
 
 from circuits.heads import head_frame, mean_z
 from circuits.own_hooks import Hook, own_hooks

@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from tqdm.auto import tqdm
+from workbench.progress import tqdm
 
 from workbench.errors import WorkbenchError
 from workbench.store import Store, content_key

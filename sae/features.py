@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from workbench.progress import tqdm
 
 from sae.activations import ActivationCache
 from sae.families import head_families

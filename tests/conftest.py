@@ -78,11 +78,11 @@ def demo_store(tmp_path_factory):
     return store, proc
 
 
-SLOW_FIXTURES = {"smollm2", "demo_store"}
+SLOW_FIXTURES = {"smollm2", "demo_store", "ray_head"}
 
 
 def pytest_collection_modifyitems(items):
-    """`slow` = loads the embedded model (directly or through the demo's store): `pytest -m "not slow"`
+    """`slow` = loads the embedded model (directly or through the demo's store) or starts Ray: `pytest -m "not slow"`
     is the fast lane for iteration; `make test` runs everything."""
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):

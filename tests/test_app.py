@@ -15,7 +15,7 @@ from workbench.store import Store
 from workbench.tasks import build_task
 
 HOME = str(Path(__file__).resolve().parent.parent / "app" / "Home.py")
-PAGES = ["runs", "head_atlas", "head_detail", "circuit", "features", "prompt_explorer", "launch"]
+PAGES = ["runs", "head_atlas", "head_detail", "circuit", "features", "prompt_explorer", "launch", "jobs"]
 RUNS = [
     ("logit_diff", {}),
     ("patching.attn_head", {}),
@@ -75,6 +75,8 @@ def test_every_page_on_an_empty_store_says_how_to_start(tmp_path, monkeypatch, p
         from workbench.methods import all_methods
 
         assert {o.split(" - ")[0] for o in at.selectbox[1].options} == set(all_methods())
+    elif page == "jobs":
+        assert "workbench run JOB.toml" in at.info[0].value
     else:  # the prompt explorer asks for a prompt to run
         assert at.text_area[0].label == "Prompt"
 
@@ -250,6 +252,39 @@ def test_launch_starts_a_background_run_that_lands_in_the_store(tmp_path, monkey
     assert job_status(job)[0] == "done"
     runs = store.catalog()
     assert list(runs["method"]) == ["logit_diff"] and list(runs["status"]) == ["done"]
+    record = store.job_records()[0]  # the launched run is a job like any other
+    assert record["file"] == str(job) and [(u["state"], u["run_id"]) for u in record["units"]] == [("done", runs["run_id"][0])]
+
+
+def test_jobs_page_shows_a_jobs_units_its_failure_and_the_circuits_it_scored(tmp_path, monkeypatch, toy_dir):
+    from workbench.jobs import execute, parse_job
+
+    store = Store(tmp_path / "jobs")
+    base = {"model": str(toy_dir), "task": "induction"}
+    specs = parse_job({"run": [
+        {**base, "task_params": {"n_prompts": 4, "seq_len": 6, "seed": [0, 1]}, "method": "circuit.faithfulness",
+         "params": {"discovery": {"method": "discovery.eap"}, "fractions": [0.1, 1.0]}},
+        {**base, "task_params": {"n_prompts": 4, "seq_len": 6}, "method": "heads.ablation", "params": {"heads": ["L7H0"]}},
+    ]})
+    job = execute(specs, store, text="(test)")
+    assert [o.state for o in job.outcomes] == ["done", "done", "failed"]
+    monkeypatch.setenv("WORKBENCH_HOME", str(store.root))
+    at = app(store, "jobs")
+    assert not at.exception
+    assert at.selectbox[0].value == job.job_id
+    assert "3 of 3 units finished: failed" in at.get("progress")[0].proto.text
+    assert len(at.error) == 1 and "L7H0 is outside the model" in at.error[0].value
+    units = at.dataframe[0].value
+    assert list(units["state"]) == ["done", "done", "failed"] and list(units["attempts"]) == [1, 1, 1]
+    circuits = at.dataframe[1].value
+    assert list(circuits["seed"]) == [0, 1] and set(circuits["discovery"]) == {"discovery.eap"}
+    for row in circuits.itertuples():
+        scores = store.scores(row.faithfulness_run)
+        stored = scores[(scores["metric"] == "cpr") & (scores["ranking"] == "scores")]["value"].item()
+        assert row.cpr == pytest.approx(stored)
+        assert store.meta(row.discovery_run)["spec"]["method"] == "discovery.eap"
+    sweep = figures(at)[0]
+    assert np.allclose(array(sweep["data"][0]["y"]), circuits["cpr"])
 
 
 def test_launch_refuses_bad_parameters_and_starts_nothing(tmp_path, monkeypatch):

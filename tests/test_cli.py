@@ -188,9 +188,32 @@ def test_listing_commands_put_the_name_first():
     assert wb("models").stdout.split()[0] == "smollm2-135m"
 
 
+def test_jobs_lists_each_run_of_a_job_file_and_shows_its_units(tmp_path, grid_job):
+    store = tmp_path / "store"
+    assert wb("run", grid_job, store=store).returncode == 0
+    assert wb("run", grid_job, store=store).returncode == 0
+    listed = wb("jobs", store=store).stdout.splitlines()
+    assert len(listed) == 2
+    assert " done " in listed[0] and "0 computed, 2 stored, 0 failed, 0 to go of 2" in listed[0]  # newest first
+    assert "2 computed, 0 stored" in listed[1] and listed[1].endswith(str(grid_job))
+    units = wb("jobs", listed[1].split()[0], store=store).stdout.splitlines()
+    run_ids = sorted(line.split()[0] for line in wb("ls", store=store).stdout.splitlines())
+    assert units[0].startswith(f"job {listed[1].split()[0]}: done, local")
+    assert sorted(line.split()[2] for line in units[1:]) == run_ids and all(" done " in line for line in units[1:])
+    assert_user_error(wb("jobs", "1999", store=store), "no job '1999'")
+
+
+def test_ray_options_without_ray_and_an_address_nothing_serves_are_refused(tmp_path, grid_job):
+    store = tmp_path / "store"
+    assert_user_error(wb("run", grid_job, "--address", "127.0.0.1:6379", store=store), "apply to --executor ray")
+    assert_user_error(wb("run", grid_job, "--executor", "ray", "--address", "127.0.0.1:1", store=store), "nothing answers at")
+    assert_user_error(wb("run", grid_job, "--executor", "ray", "--address", "nowhere", store=store), "is not HOST:PORT")
+    assert snapshot(store) is None
+
+
 def test_unknown_run_id_and_bad_executor(tmp_path, grid_job):
     assert_user_error(wb("show", "abcd1234", store=tmp_path / "empty"), "no run 'abcd1234'")
-    assert_user_error(wb("run", grid_job, "--executor", "ray", store=tmp_path / "s"), "unknown executor 'ray'")
+    assert_user_error(wb("run", grid_job, "--executor", "slurm", store=tmp_path / "s"), "unknown executor 'slurm'")
 
 
 def test_demo_computes_then_finds_everything_in_the_store(demo_store):

@@ -41,6 +41,19 @@ def test_a_json_round_trip_gives_the_same_store_key(toy_dir, tmp_path):
     assert again.meta["cached"] and again.meta["key"] == first.meta["key"]
 
 
+def test_plan_names_the_keys_a_run_writes_before_computing_anything(toy_dir, tmp_path):
+    from workbench.runner import plan
+
+    store = Store(tmp_path / "s")
+    spec = RunSpec.parse(str(toy_dir), "circuit.faithfulness", {"discovery": {"method": "discovery.eap"}, "fractions": [1.0]},
+                         "induction", {"n_prompts": 4, "seq_len": 6})
+    keys = [key for key, _ in plan(spec)]
+    assert len(keys) == 2 and not any(store.has(k) for k in keys)
+    result = run(spec, store)
+    assert result.meta["key"] == keys[1] and result.meta["spec"]["needs"] == {"discovery": keys[0]}
+    assert store.meta(keys[0])["spec"]["method"] == "discovery.eap"
+
+
 def test_values_a_job_file_alone_shows_wrong_are_refused_at_parse():
     bad = [("patching.attn_head", {"metric": "accuracy"}, "should be one of 'logit_diff'"),
            ("patching.resid", {"direction": "sideways"}, "should be one of 'denoise', 'noise'"),

@@ -33,6 +33,27 @@ def test_put_get_roundtrip(store):
     assert back.meta["spec"] == spec(3) and back.run_id == key[:16]
 
 
+def test_a_run_shipped_as_files_lands_under_its_own_key_in_another_store(store, tmp_path):
+    import json
+
+    key = store.put(spec(4), result(4))
+    files = store.entry_files(key)
+    assert set(files) == {"meta.json", "scores.parquet", "tensors.safetensors"}
+    other = Store(tmp_path / "driver")
+    assert other.put_files(files) == key
+    back = other.get(key)
+    pd.testing.assert_frame_equal(back.scores, store.get(key).scores)
+    assert torch.equal(back.tensors["big"], result(4).tensors["big"])
+    assert [r["run_id"] for r in other.catalog_rows()] == [key[:16]]
+    assert other.put_files(files) == key and len(other.catalog_rows()) == 1  # a second copy changes nothing
+    forged = {**files, "meta.json": json.dumps({**json.loads(files["meta.json"]), "spec": spec(5)}).encode()}
+    with pytest.raises(ValueError, match="is not the hash of its spec"):
+        Store(tmp_path / "third").put_files(forged)
+    with pytest.raises(ValueError, match="expected meta.json"):
+        Store(tmp_path / "third").put_files({**files, "model.pkl": b""})
+    assert not (tmp_path / "third").exists()
+
+
 def test_get_or_compute_computes_once_and_keys_on_every_input(store):
     calls = []
 

@@ -30,43 +30,127 @@ def _store(path: Optional[Path]):
     return Store(path)
 
 
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeElapsedColumn(), console=err, transient=False)
+class _JobView:
+    """The job's progress on the terminal, drawn from its record: one bar over units (done/total,
+    failures) and one line per running unit with its own progress where the method reports it."""
+
+    def __init__(self):
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
+                            TimeElapsedColumn(), console=err, transient=False)
+        self.units = self.bar.add_task("units", count="")
+        self.running: dict[int, int] = {}
+        self.shown = False
+
+    def __enter__(self) -> "_JobView":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.shown:  # drawn from the job's first change on, so a job refused before it starts prints only its error
+            self.bar.__exit__(*exc)
+
+    def __call__(self, record: dict) -> None:
+        from workbench.job_record import counts
+
+        if not self.shown:
+            self.bar.__enter__()
+            self.shown = True
+        c, n = counts(record), len(record["units"])
+        finished = c["done"] + c["skipped"] + c["failed"]
+        self.bar.update(self.units, total=n, completed=finished, count=f"{finished}/{n}",
+                        description=f"units ({c['failed']} failed)" if c["failed"] else "units")
+        for i, unit in enumerate(record["units"]):
+            if unit["state"] != "running":
+                if i in self.running:
+                    self.bar.remove_task(self.running.pop(i))
+                continue
+            p = unit.get("progress") or {}
+            desc = f"  {unit['label'][:60]}" + (f": {p['desc']}" if p.get("desc") else "")
+            count = f"{p['n']}/{p['total'] if p.get('total') is not None else '?'}" if p else ""
+            if i not in self.running:
+                self.running[i] = self.bar.add_task(desc, total=None, count=count)
+            self.bar.update(self.running[i], description=desc, completed=p.get("n", 0), total=p.get("total"), count=count)
 
 
-def _run_job(job: Path, store_dir: Optional[Path], executor: str) -> list:
-    from workbench.jobs import EXECUTORS, execute, load_job, prepare
+def _run_job(job: Path, store_dir: Optional[Path], executor: str, ray=None) -> list:
+    from workbench.jobs import EXECUTORS, RayOptions, execute, load_job, prepare
 
     runs = load_job(job)
     if executor not in EXECUTORS:
         raise WorkbenchError(f"unknown executor '{executor}'; available: {', '.join(EXECUTORS)}")
     store = _store(store_dir)
     store.catalog_rows()  # a store of another format is refused before anything runs
-    with err.status(f"preparing {len(runs)} runs (models, tasks)"):
-        prepare(runs)
-    with _progress() as bar:
-        task_id = bar.add_task("runs", total=len(runs))
-
-        def report(i: int, n: int, label: str) -> None:
-            bar.update(task_id, completed=i, description=label[:70])
-
-        outcomes = execute(runs, store, executor, progress=report)
+    if executor == "local":
+        with err.status(f"preparing {len(runs)} runs (models, tasks)"):
+            prepare(runs)
+    with _JobView() as view:
+        job_outcome = execute(runs, store, executor, source=str(job), text=job.read_text(encoding="utf-8"),
+                              listener=view, ray=ray or RayOptions())
+    outcomes = job_outcome.outcomes
     for o in outcomes:
+        if o.state == "failed":
+            continue
         out.print(f"{o.run_id}  {'cached  ' if o.cached else 'computed'}  {o.spec.label()}")
         for warning in store.meta(o.run_id).get("warnings", []):
             err.print(f"warning: run {o.run_id}: {warning}", markup=False)
-    computed = sum(not o.cached for o in outcomes)
-    err.print(f"{len(outcomes)} runs: {computed} computed, {len(outcomes) - computed} already in the store ({store.root})")
+    failed = [o for o in outcomes if o.state == "failed"]
+    for o in failed:
+        err.print(f"failed: {o.spec.label()}: {o.message}", markup=False)
+    computed = sum(o.state == "done" for o in outcomes)
+    err.print(f"{len(outcomes)} runs: {computed} computed, {sum(o.cached for o in outcomes)} already in the store, "
+              f"{len(failed)} failed ({store.root}); job {job_outcome.job_id} (`workbench jobs {job_outcome.job_id}`)")
+    if failed:
+        sys.exit(2 if all(o.user_error for o in failed) else 1)
     return outcomes
 
 
 @app.command()
 def run(job: Path = typer.Argument(..., help="Job file (TOML) listing runs; list values expand to a grid."),
         store: Optional[Path] = StoreOpt,
-        executor: str = typer.Option("local", help="Where runs execute: 'local' (this process).")):
+        executor: str = typer.Option("local", help="Where runs execute: 'local' (this process) or 'ray' (a Ray cluster)."),
+        address: Optional[str] = typer.Option(None, help="With --executor ray: the cluster to join (auto or HOST:PORT); "
+                                                          "without it a local Ray instance is started on 127.0.0.1."),
+        max_retries: int = typer.Option(3, "--max-retries", min=0, help="With --executor ray: retries of a unit whose worker died."),
+        shared_store: bool = typer.Option(False, "--shared-store", help="With --executor ray: workers write to --store "
+                                          "themselves (a path every node mounts; keeps activation caches and checkpoints)."),
+        worker_cpus: int = typer.Option(1, "--worker-cpus", min=1, help="With --executor ray: CPUs (torch threads) per "
+                                        "worker; fewer, wider workers suit memory-bound units on small machines."),
+        ray_dashboard: bool = typer.Option(False, "--ray-dashboard", help="With a local Ray instance: serve Ray's dashboard.")):
     """Run every (model, task, method, params) of a job file into the store; stored runs are skipped."""
-    _run_job(job, store, executor)
+    from workbench.jobs import RayOptions
+
+    if executor != "ray" and (address or shared_store or ray_dashboard or worker_cpus != 1):
+        raise WorkbenchError("--address, --shared-store, --worker-cpus and --ray-dashboard apply to --executor ray; "
+                             "add it or drop them")
+    _run_job(job, store, executor, RayOptions(address, max_retries, shared_store, ray_dashboard, worker_cpus))
+
+
+@app.command()
+def jobs(job_id: Optional[str] = typer.Argument(None, help="A job id (or its start): show its units."),
+         store: Optional[Path] = StoreOpt):
+    """List jobs, newest first; with a job id, its units (state, run, node, attempts, failure)."""
+    from workbench.job_record import counts, job_state
+
+    s = _store(store)
+    if job_id is None:
+        records = s.job_records()
+        if not records:
+            err.print(f"no jobs in {s.root}; `workbench run JOB.toml --store {s.root}` starts one")
+        for r in records:
+            c = counts(r)
+            out.print(f"{r['job_id']}  {job_state(r):<11} {r['executor']:<5} {c['done']} computed, {c['skipped']} stored, "
+                      f"{c['failed']} failed, {c['pending'] + c['running']} to go of {len(r['units'])}  {r['file']}",
+                      markup=False)
+        return
+    r = s.job_record(job_id)
+    state = job_state(r)
+    out.print(f"job {r['job_id']}: {state}, {r['executor']}{' at ' + r['address'] if r.get('address') else ''}, "
+              f"file {r['file']}", markup=False)
+    for i, u in enumerate(r["units"]):
+        unit_state = "interrupted" if state == "interrupted" and u["state"] == "running" else u["state"]
+        out.print(f"{i:>4}  {unit_state:<11} {u['run_id'] or '-':<16}  attempts {u['attempts']}  {u['node'] or '-'}  "
+                  f"{u['label']}", markup=False)
+        if u["message"]:
+            out.print(f"      {u['message']}", markup=False)
 
 
 @app.command("ls")

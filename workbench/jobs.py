@@ -15,28 +15,60 @@ file writes nothing; runs already in the store are not computed again (a killed 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
+import socket
+import time
 import tomllib
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from workbench.errors import WorkbenchError
+from workbench.job_record import JobRecord
 from workbench.methods import get_method
 from workbench.models import DEFAULT_MODEL
 from workbench.params import list_valued
+from workbench.progress import reporting
 from workbench.spec import RunSpec
 from workbench.tasks import DEFAULT_TASK, TASKS
 
 RUN_KEYS = {"model", "task", "task_file", "task_params", "method", "params"}
-EXECUTORS = ("local",)
+EXECUTORS = ("local", "ray")
 
 
 @dataclass
 class RunOutcome:
+    """What became of one unit: `done` (computed now), `skipped` (already stored) or `failed`."""
+
     spec: RunSpec
-    run_id: str
-    cached: bool
+    state: str
+    run_id: str | None = None
+    message: str | None = None
+    user_error: bool = True  # a failure the user can fix (bad parameters for the model), not a crash
+
+    @property
+    def cached(self) -> bool:
+        return self.state == "skipped"
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How `--executor ray` reaches Ray: `address` None starts a local instance on 127.0.0.1."""
+
+    address: str | None = None
+    max_retries: int = 3
+    shared_store: bool = False  # workers write to the store themselves (it is on a path every node mounts)
+    dashboard: bool = False
+    worker_cpus: int = 1  # CPUs (and torch threads) each worker asks Ray for
+
+
+@dataclass
+class JobOutcome:
+    job_id: str
+    outcomes: list[RunOutcome]
 
 
 def load_job(path: str | Path) -> list[RunSpec]:
@@ -117,19 +149,58 @@ def prepare(specs: list[RunSpec]) -> None:
             raise WorkbenchError(f"{spec.label()}: {e}") from None
 
 
-def execute(specs: list[RunSpec], store, executor: str = "local", progress=None) -> list[RunOutcome]:
-    """Run specs through the store (stored ones are read back). `progress(i, n, label)` reports."""
+def execute(specs: list[RunSpec], store, executor: str = "local", *, source: str = "job", text: str = "",
+            listener=None, ray: RayOptions = RayOptions()) -> JobOutcome:
+    """Run every unit through the store (stored ones are skipped), recording the job in the store.
+
+    `listener(record)` is called with the job record's data after every change (progress display).
+    A unit that fails does not stop the others; its outcome carries the message."""
     if executor not in EXECUTORS:
         raise WorkbenchError(f"unknown executor '{executor}'; available: {', '.join(EXECUTORS)}")
+    if executor == "local":
+        prepare(specs)  # a task the model cannot run is refused before anything is written
+    with _session(executor, ray):
+        record = JobRecord.start(store, specs, source, text, executor, ray.address if executor == "ray" else None)
+        record.listener = listener
+        try:
+            if executor == "local":
+                _run_local(specs, store, record)
+            else:
+                from workbench.ray_executor import run_on_ray
+
+                run_on_ray(specs, store, record, ray)
+        except BaseException as e:
+            record.abort(e)
+            raise
+        record.finish()
+    return JobOutcome(record.job_id, [RunOutcome(spec, u["state"], u["run_id"], u["message"], u.get("user_error", True))
+                                      for spec, u in zip(specs, record.data["units"])])
+
+
+def _session(executor: str, ray: RayOptions):
+    if executor != "ray":
+        return contextlib.nullcontext()
+    from workbench.ray_executor import ray_session
+
+    return ray_session(ray)
+
+
+def _run_local(specs: list[RunSpec], store, record: JobRecord) -> None:
+    """One unit after another in this process; a unit's progress bars report into the record."""
     from workbench.runner import run
 
-    prepare(specs)
-    outcomes: list[RunOutcome] = []
-    for n, spec in enumerate(specs):
-        if progress:
-            progress(n, len(specs), spec.label())
-        result = run(spec, store)
-        outcomes.append(RunOutcome(spec, result.run_id, bool(result.meta.get("cached"))))
-    if progress:
-        progress(len(specs), len(specs), "done")
-    return outcomes
+    for i, spec in enumerate(specs):
+        record.update(i, state="running", started=time.time(), node=socket.gethostname(), pid=os.getpid(),
+                      attempts=1)
+        try:
+            with reporting(lambda desc, n, total, i=i: record.update(i, progress={"desc": desc, "n": n, "total": total})):
+                result = run(spec, store)
+        except WorkbenchError as e:
+            record.update(i, state="failed", message=str(e), user_error=True, finished=time.time())
+            continue
+        except Exception as e:
+            record.update(i, state="failed", message=f"{type(e).__name__}: {e}", user_error=False,
+                          traceback=traceback.format_exc(), finished=time.time())
+            continue
+        record.update(i, state="skipped" if result.meta.get("cached") else "done", run_id=result.run_id,
+                      finished=time.time())

@@ -56,6 +56,41 @@ def task_for(model, task_spec) -> Any:
     return _TASKS[key]
 
 
+def unload_other_models(spec) -> None:
+    """Drop every cached model but `spec`'s (and their tasks): a worker holds one model at a time."""
+    others = [m for m in _MODELS if m != spec.model]
+    for model_spec in others:
+        del _MODELS[model_spec]
+    if others:
+        _TASKS.clear()  # tasks hold tokenizations of their model; the kept model's rebuild cheaply
+
+
+def weights_loaded(spec) -> bool:
+    """Whether this process holds `spec`'s model with its weights read (workers report model loads with it)."""
+    model = _MODELS.get(spec.model)
+    return model is not None and model.loaded
+
+
+def plan(spec) -> list[tuple[str, dict[str, Any]]]:
+    """`(key, key content)` of every run `run(spec)` reads or writes: its needs (depth first), then
+    the unit itself, last. Loads the model lazily (no weights), so a driver can tell what is stored."""
+    model, task = load_unit(spec)
+    return plan_method(model, task, spec.method, spec.params)
+
+
+def plan_method(model, task, method: str, params: dict[str, Any] | Any = None) -> list[tuple[str, dict[str, Any]]]:
+    m = get_method(method)
+    parsed = m.parse(params)
+    entries: list[tuple[str, dict[str, Any]]] = []
+    need_keys = {}
+    for name, need in m.needs(parsed).items():
+        sub = plan_method(model, task if need.task is None else task_for(model, need.task), need.method, need.params)
+        entries += [e for e in sub if e[0] not in {k for k, _ in entries}]
+        need_keys[name] = sub[-1][0]
+    content = run_key_content(model, task, m, parsed, need_keys)
+    return entries + [(content_key(content), content)]
+
+
 def run(spec, store: Store | None = None) -> Result:
     """The stored result of a `RunSpec`, computing and storing it (and what it needs) if new."""
     model, task = load_unit(spec)

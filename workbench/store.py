@@ -6,7 +6,7 @@ Layout of a store directory (format 2, recorded in `store.json`):
     runs/<k[:2]>/<key>/          meta.json, scores.parquet, tensors.safetensors   (one complete result)
     activations/<k[:2]>/<key>/   an activation cache: meta.json + safetensors shards
     checkpoints/<key>/step_N/    working state of a run still being computed (resumable)
-    jobs/                        job files started from the dashboard, with their logs
+    jobs/                        job records (<job id>.json); job files started from the dashboard, with their logs
     catalog.sqlite               an index of runs for listing and filtering (status, params, timings)
     tmp/<pid>-<hex>/             entries being written; renamed into place when complete
     locks/<name>.lock            per-key locks so concurrent writers of one key compute it once
@@ -242,6 +242,33 @@ class Store:
         result.meta.update(self.meta(key))
         return key
 
+    ENTRY_FILES = ("meta.json", "scores.parquet", "tensors.safetensors")
+
+    def entry_files(self, key: str) -> dict[str, bytes]:
+        """A stored run's files as bytes: how a job worker ships a result to the driver's store."""
+        d = self._run_dir(self._key(key))
+        return {name: (d / name).read_bytes() for name in self.ENTRY_FILES if (d / name).is_file()}
+
+    def put_files(self, files: dict[str, bytes]) -> str:
+        """Store a run shipped as `entry_files` (atomically, indexed like `put`); returns its key.
+
+        The key is recomputed from the spec inside meta.json, so a shipped entry lands where the
+        local executor would have put it. If the key is already stored, the stored result stands."""
+        unknown = set(files) - set(self.ENTRY_FILES)
+        if unknown or "meta.json" not in files or "scores.parquet" not in files:
+            raise ValueError(f"a shipped run has the files {sorted(files)}; expected meta.json, scores.parquet [, tensors]")
+        meta = json.loads(files["meta.json"])
+        key = content_key(meta["spec"])
+        if meta.get("key") != key:
+            raise ValueError(f"a shipped run's key {meta.get('key')} is not the hash of its spec ({key})")
+        self._ensure()
+        if not self.has(key):
+            with atomic_dir(self._run_dir(key), self.root / "tmp") as tmp:
+                for name, data in files.items():
+                    (tmp / name).write_bytes(data)
+        self._index(key)
+        return key
+
     def _index(self, key: str) -> None:
         """Record a stored run in the catalog from its meta.json (idempotent)."""
         d = self._run_dir(key)
@@ -367,6 +394,29 @@ class Store:
         path = self.jobs_dir() / name
         write_file_atomic(path, text)
         return path
+
+    def write_job_record(self, job_id: str, record: dict[str, Any]) -> None:
+        """Replace a job's record (`workbench.job_record`) atomically: readers see the old or the new."""
+        write_file_atomic(self.jobs_dir() / f"{job_id}.json", json.dumps(record, default=str))
+
+    def job_records(self) -> list[dict[str, Any]]:
+        """Every job record, newest first."""
+        path = self.root / "jobs"
+        records = []
+        for f in sorted(path.glob("*.json"), reverse=True) if path.is_dir() else []:
+            try:
+                records.append(json.loads(f.read_text()))
+            except ValueError:
+                continue  # not a record this version wrote
+        return records
+
+    def job_record(self, job_id: str) -> dict[str, Any]:
+        """One job's record, by id or unique id prefix."""
+        matches = [r for r in self.job_records() if r["job_id"].startswith(job_id)]
+        if len(matches) != 1:
+            raise WorkbenchError(f"{'no' if not matches else 'more than one'} job '{job_id}' in store {self.root}; "
+                                 f"`workbench jobs --store {self.root}` lists them")
+        return matches[0]
 
     def job_files(self) -> list[Path]:
         """Job files started from the dashboard, newest first."""

@@ -36,7 +36,7 @@ if go:
         st.error(str(e))
     else:
         job = launch(store, text)
-        st.success(f"started {job.name}")
+        st.success(f"started {job.name}; the Jobs page follows it unit by unit")
 
 
 @st.fragment(run_every=2)
