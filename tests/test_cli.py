@@ -46,6 +46,14 @@ def test_two_run_grid_writes_two_results_and_a_rerun_computes_nothing(tmp_path, 
     listed = wb("ls", store=store).stdout.splitlines()
     assert sorted(line.split()[0] for line in listed) == sorted(line.split()[0] for line in lines)
     assert sum('"n_prompts": 4' in line for line in listed) == 1 and sum('"n_prompts": 8' in line for line in listed) == 1
+    # each command is a job in the store: newest first, with its units
+    jobs = wb("jobs", store=store).stdout.splitlines()
+    assert len(jobs) == 2 and " done " in jobs[0] and "0 computed, 2 stored, 0 failed, 0 to go of 2" in jobs[0]
+    assert "2 computed, 0 stored" in jobs[1] and jobs[1].endswith(str(grid_job))
+    units = wb("jobs", jobs[1].split()[0], store=store).stdout.splitlines()
+    assert units[0].startswith(f"job {jobs[1].split()[0]}: done, local")
+    assert sorted(line.split()[2] for line in units[1:]) == sorted(line.split()[0] for line in lines)
+    assert_user_error(wb("jobs", "1999", store=store), "no job '1999'")
 
 
 def test_export_csv_and_parquet_hold_the_stored_scores(tmp_path, grid_job):
@@ -186,21 +194,6 @@ def test_listing_commands_put_the_name_first():
     assert "logit_diff" in [line.split()[0] for line in methods]
     assert {"ioi", "induction", "factual", "needle", "corpus"} <= {line.split()[0] for line in wb("tasks").stdout.splitlines()}
     assert wb("models").stdout.split()[0] == "smollm2-135m"
-
-
-def test_jobs_lists_each_run_of_a_job_file_and_shows_its_units(tmp_path, grid_job):
-    store = tmp_path / "store"
-    assert wb("run", grid_job, store=store).returncode == 0
-    assert wb("run", grid_job, store=store).returncode == 0
-    listed = wb("jobs", store=store).stdout.splitlines()
-    assert len(listed) == 2
-    assert " done " in listed[0] and "0 computed, 2 stored, 0 failed, 0 to go of 2" in listed[0]  # newest first
-    assert "2 computed, 0 stored" in listed[1] and listed[1].endswith(str(grid_job))
-    units = wb("jobs", listed[1].split()[0], store=store).stdout.splitlines()
-    run_ids = sorted(line.split()[0] for line in wb("ls", store=store).stdout.splitlines())
-    assert units[0].startswith(f"job {listed[1].split()[0]}: done, local")
-    assert sorted(line.split()[2] for line in units[1:]) == run_ids and all(" done " in line for line in units[1:])
-    assert_user_error(wb("jobs", "1999", store=store), "no job '1999'")
 
 
 def test_ray_options_without_ray_and_an_address_nothing_serves_are_refused(tmp_path, grid_job):

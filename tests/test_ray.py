@@ -173,7 +173,7 @@ method = "logit_diff"
 
 
 def test_a_killed_worker_is_retried_and_every_result_is_stored_once(tmp_path, slow_toy, ray_head):
-    job = acdc_job(tmp_path / "acdc.toml", slow_toy, [0, 1, 2], n_prompts=48)
+    job = acdc_job(tmp_path / "acdc.toml", slow_toy, [0, 1, 2], n_prompts=32)
     driver = start("run", job, "--executor", "ray", "--address", ray_head, store=tmp_path / "s")
     victim = wait_for(lambda: next(((i, u["pid"]) for i, u in enumerate(latest_units(tmp_path / "s"))
                                     if u["state"] == "running"), None))
