@@ -200,7 +200,6 @@ def test_ray_options_without_ray_and_an_address_nothing_serves_are_refused(tmp_p
     store = tmp_path / "store"
     assert_user_error(wb("run", grid_job, "--address", "127.0.0.1:6379", store=store), "apply to --executor ray")
     assert_user_error(wb("run", grid_job, "--executor", "ray", "--address", "127.0.0.1:1", store=store), "nothing answers at")
-    assert_user_error(wb("run", grid_job, "--executor", "ray", "--address", "nowhere", store=store), "is not HOST:PORT")
     assert snapshot(store) is None
 
 
