@@ -72,17 +72,14 @@ class _JobView:
 
 
 def _run_job(job: Path, store_dir: Optional[Path], executor: str, ray=None) -> list:
-    from workbench.jobs import EXECUTORS, RayOptions, execute, load_job, prepare
+    from workbench.jobs import EXECUTORS, RayOptions, execute, load_job
 
     runs = load_job(job)
     if executor not in EXECUTORS:
         raise WorkbenchError(f"unknown executor '{executor}'; available: {', '.join(EXECUTORS)}")
     store = _store(store_dir)
     store.catalog_rows()  # a store of another format is refused before anything runs
-    if executor == "local":
-        with err.status(f"preparing {len(runs)} runs (models, tasks)"):
-            prepare(runs)
-    with _JobView() as view:
+    with _JobView() as view:  # the local executor validates every unit's model and task first (`prepare`)
         job_outcome = execute(runs, store, executor, source=str(job), text=job.read_text(encoding="utf-8"),
                               listener=view, ray=ray or RayOptions())
     outcomes = job_outcome.outcomes
