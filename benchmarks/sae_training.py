@@ -43,7 +43,8 @@ def main() -> None:
     task = build_task(model, "corpus", {"n_prompts": args.prompts, "seq_len": 128})
     d_in = model.n_heads * model.d_head
     d_sae = args.expansion * d_in
-    print(f"layer {args.layer} hook_z, d_in {d_in}, d_sae {d_sae}, top-k {args.k}, batch {args.batch}, torch threads {torch.get_num_threads()}")
+    print(f"layer {args.layer} hook_z, d_in {d_in}, d_sae {d_sae}, top-k {args.k}, batch {args.batch}, "
+          f"device {model.device}, torch threads {torch.get_num_threads()}")
 
     with tempfile.TemporaryDirectory() as root:
         start = time.perf_counter()
@@ -54,7 +55,7 @@ def main() -> None:
         params = SAETrainParams(layer=args.layer, architecture="topk", k=args.k, expansion_factor=args.expansion,
                                 n_tokens=args.ours_tokens, batch_size=args.batch, lr=1e-3)
         start = time.perf_counter()
-        train_sae(cache, range(len(task)), params, d_sae)
+        train_sae(cache, range(len(task)), params, d_sae, device=model.device)
         ours_s = time.perf_counter() - start
     ours = args.ours_tokens / ours_s
     print(f"ours, from the cache: {args.ours_tokens} tokens in {ours_s:.1f} s ({ours:,.0f} tokens/s)")
@@ -65,7 +66,7 @@ def main() -> None:
         hook_name=f"blocks.{args.layer}.attn.hook_z", dataset_path="in-memory", is_dataset_tokenized=True, streaming=False,
         context_size=128, prepend_bos=False, training_tokens=args.saelens_tokens, train_batch_size_tokens=args.batch,
         store_batch_size_prompts=8, n_batches_in_buffer=16, lr=1e-3, lr_end=1e-3, logger=LoggingConfig(log_to_wandb=False),
-        checkpoint_path=None, output_path=None, n_batches_for_norm_estimate=10, device="cpu", verbose=False)
+        checkpoint_path=None, output_path=None, n_batches_for_norm_estimate=10, device=str(model.device), verbose=False)
     runner = LanguageModelSAETrainingRunner(cfg, override_dataset=Dataset.from_dict({"input_ids": windows}),
                                             override_model=model.tl)
     start = time.perf_counter()

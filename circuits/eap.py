@@ -27,13 +27,14 @@ from workbench.progress import tqdm
 
 from circuits.graph import Graph, build_graph, check_model, source_hooks, source_outputs
 from circuits.patching import Baselines, metric_values, unembed_final
+from workbench.device_memory import memory_budget
 from workbench.methods import EDGE_INDEX, Metric, Outputs, register
 from workbench.nodes import parse_node
 from workbench.params import require
 from workbench.result import Result
 
 MetricName = Literal["logit_diff", "prob", "logprob", "kl"]
-GRAD_BYTES = 512 * 2**20
+GRAD_BYTES = 512 * 2**20  # on the CPU; on a GPU a quarter of its free memory
 
 
 def _final(tl, resid: Tensor, lengths: Tensor) -> Tensor:
@@ -122,7 +123,8 @@ def eap_scores(model, task, graph: Graph, metric: str = "logit_diff", steps: int
     scores = torch.zeros(n_sources, n_targets, dtype=torch.float64)
     values = {"clean": 0.0, "corrupted": 0.0}
     # the gradients of one chunk at every target, [target, batch x pos x d_model], bounded in size
-    batch_size = max(1, min(batch_size, GRAD_BYTES // (n_targets * int(lengths_all.max()) * model.d_model * 4)))
+    grad_bytes = memory_budget(device, GRAD_BYTES, share=0.25)
+    batch_size = max(1, min(batch_size, grad_bytes // (n_targets * int(lengths_all.max()) * model.d_model * 4)))
     for start in tqdm(range(0, len(task), batch_size), desc=f"EAP{'-IG' if steps > 1 else ''} edges", leave=False):
         rows = slice(start, start + batch_size)
         lengths = lengths_all[rows]

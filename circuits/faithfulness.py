@@ -24,6 +24,7 @@ from circuits.eap import EAPIGParams, _final
 from circuits.graph import Graph, build_graph, check_model, source_hooks, source_outputs, split_inputs
 from circuits.own_hooks import own_hooks
 from circuits.patching import metric_values
+from workbench.device_memory import memory_budget
 from workbench.errors import WorkbenchError
 from workbench.methods import Metric, Outputs, get_method, register
 from workbench.nodes import parse_node
@@ -33,7 +34,7 @@ from workbench.spec import Need
 
 FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 ABLATIONS = ("corrupted", "mean", "zero")
-CHUNK_BYTES = 512 * 2**20  # the per-source differences of one chunk of prompts x circuits
+CHUNK_BYTES = 512 * 2**20  # per-source differences of one chunk of prompts x circuits (CPU; GPU: a quarter of free memory)
 
 
 def _feeds(graph: Graph, group: int) -> Tensor:
@@ -102,7 +103,8 @@ class CircuitEvaluator:
         self.prefix = {h: int(valid[:, [i for i, _ in e]].any(1).nonzero().max()) + 1 for h, e in self.by_hook.items()}
         self.mean_out = _mean_outputs(model, graph, task, self.names) if ablation == "mean" else None
         self.per_prompt = int(self.lengths.max()) * len(graph.sources) * model.d_model * 4
-        self.keep_cache = self.per_prompt * len(task) <= CHUNK_BYTES
+        self.chunk_bytes = memory_budget(model.device, CHUNK_BYTES, share=0.25)
+        self.keep_cache = self.per_prompt * len(task) <= self.chunk_bytes
         self._cache: dict[int, tuple[Tensor, Tensor | None]] = {}
 
     @torch.no_grad()
@@ -139,7 +141,7 @@ class CircuitEvaluator:
         model, graph, tl, n = self.model, self.graph, self.model.tl, self.model.n_layers
         d_model, n_circuits, n_sources = model.d_model, keeps.shape[0], len(graph.sources)
         ablate = (graph.valid[None] & ~keeps).to(model.device)  # [circuit, source, target]
-        batch = max(1, CHUNK_BYTES // (n_circuits * self.per_prompt))
+        batch = max(1, self.chunk_bytes // (n_circuits * self.per_prompt))
         totals = torch.zeros(n_circuits, dtype=torch.float64)
         for start in range(0, len(self.task), batch):
             stop = min(start + batch, len(self.task))

@@ -11,7 +11,8 @@ identical results:
   patches compute only positions p.. and read earlier keys and values from the base run
   (a frozen TransformerLens KV cache);
 - the final norm and unembedding run only at each prompt's last token, where metrics read;
-- batches are chunked so memory stays bounded for long prompts.
+- batches are chunked so memory stays bounded for long prompts (on a GPU, chunks as large as
+  half its free memory holds, so short prompts still fill it).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import Tensor
 from workbench.progress import tqdm
 
 from circuits.own_hooks import own_hooks
+from workbench.device_memory import forward_bytes_per_token, memory_budget
 from workbench.errors import WorkbenchError
 
 # activation -> (hook name template, index kind)
@@ -44,6 +46,7 @@ ACTIVATIONS = {
     "k_per_query": ("blocks.{}.attn.hook_attn_scores", "k_per_query"),
     "v_per_query": ("blocks.{}.attn.hook_z", "v_per_query"),
 }
+CPU_CHUNK_TOKENS = 16384  # tokens per patched batch on the CPU (measured fastest on the embedded model)
 METRICS = ("logit_diff", "prob", "logprob", "kl")
 DIRECTIONS = ("denoise", "noise")
 
@@ -198,8 +201,10 @@ class PatchingRun:
         return cache
 
     @torch.no_grad()
-    def run(self, activation: str, indices: list[PatchIndex], chunk_tokens: int = 16384, progress: bool = True) -> Tensor:
-        """The batch-mean metric (unnormalised) for each patch index, in order."""
+    def run(self, activation: str, indices: list[PatchIndex], chunk_tokens: int | None = None,
+            progress: bool = True) -> Tensor:
+        """The batch-mean metric (unnormalised) for each patch index, in order; patched runs go in
+        chunks of at most `chunk_tokens` tokens (default: what the device's memory holds)."""
         if activation not in self.activations:
             raise WorkbenchError(f"activation '{activation}' was not cached for this run; cached: {', '.join(self.activations)}")
         kind = ACTIVATIONS[activation][1]
@@ -208,6 +213,9 @@ class PatchingRun:
         for i, idx in enumerate(indices):
             groups.setdefault((idx.layer, idx.pos or 0), []).append(i)
         batch, n_pos = self.clean_tokens.shape
+        if chunk_tokens is None:
+            per_token = forward_bytes_per_token(self.model.cfg, n_pos)
+            chunk_tokens = memory_budget(self.model.device, CPU_CHUNK_TOKENS * per_token) // per_token
         bar = tqdm(total=len(indices), desc=f"patching {activation}", disable=not progress, leave=False)
         for (layer, offset), members in groups.items():
             per_copy = batch * (n_pos - offset)

@@ -38,6 +38,7 @@ from workbench.progress import tqdm
 from circuits.heads import head_frame, mean_z
 from circuits.own_hooks import Hook, own_hooks
 from circuits.patching import unembed_final
+from workbench.device_memory import memory_budget
 from workbench.errors import WorkbenchError
 from workbench.methods import Metric, Outputs, register
 from workbench.nodes import head_name
@@ -54,6 +55,25 @@ class Generation:
 def _stop_ids(model) -> set[int]:
     tok = model.tokenizer
     return set(tok.all_special_ids) if tok is not None else set()
+
+
+PREFILL_SCORE_BYTES = 256 * 2**20  # one layer's attention scores while a long prompt is read
+
+
+def prefill(model, x: Tensor, cache) -> Tensor:
+    """Run new tokens `x` [batch, new] through `cache` and return the residual at the last layer.
+    A long prompt goes in chunks of queries, so a layer's attention scores ([head, query, key])
+    stay within PREFILL_SCORE_BYTES rather than growing with the square of its length; the hooks
+    these runs carry act on one position at a time, so chunking changes no result."""
+    cfg, n_new = model.tl.cfg, x.shape[1]
+    n_keys = n_new + cache.entries[0].past_keys.shape[1]
+    per_query = x.shape[0] * cfg.n_heads * n_keys * torch.finfo(cfg.dtype).bits // 8
+    step = max(16, PREFILL_SCORE_BYTES // per_query)
+    for start in range(0, n_new, step):
+        # an explicit mask: TransformerLens would otherwise treat pad-token ids in the prompt as padding
+        chunk = x[:, start : start + step]
+        resid = model.tl(chunk, past_kv_cache=cache, attention_mask=torch.ones_like(chunk), stop_at_layer=model.n_layers)
+    return resid
 
 
 @torch.no_grad()
@@ -75,8 +95,7 @@ def greedy_generate(model, prompt: list[int], max_new_tokens: int, track_argmax:
     x = torch.tensor([prompt], device=model.device)
     with own_hooks(tl, fwd):
         for _ in range(max_new_tokens):
-            # an explicit mask: TransformerLens would otherwise treat pad-token ids in the prompt as padding
-            resid = tl(x, past_kv_cache=cache, attention_mask=torch.ones_like(x), stop_at_layer=model.n_layers)
+            resid = prefill(model, x, cache)
             token = int(unembed_final(tl, resid[:, -1:])[0, -1].argmax())
             if token in stops:
                 break
@@ -291,7 +310,7 @@ def decode_masked(model, test: NeedleTest, drop: Tensor, mask: str, means, param
     for row in range(len(drop)):
         cache = TransformerLensKeyValueCache.init_cache(tl.cfg, model.device, 1)
         with own_hooks(tl, mask_hooks(model, drop[row : row + 1], mask, means)):
-            resid = tl(x, past_kv_cache=cache, attention_mask=torch.ones_like(x), stop_at_layer=model.n_layers)
+            resid = prefill(model, x, cache)
         caches.append(cache)
         nxt.append(int(unembed_final(tl, resid[:, -1:])[0, -1].argmax()))
     cache, active, outs = _stack_caches(caches), list(range(len(drop))), [[] for _ in range(len(drop))]
@@ -329,8 +348,10 @@ def outcomes(model, tests: list[NeedleTest], params: RetrievalParams, drop: Tens
     return hits, responses
 
 
-def _rows_per_batch(model, length: int, budget_bytes: int = 2 << 30) -> int:
-    """How many rows decode together: their KV caches (keys and values, every layer) within the budget."""
+def _rows_per_batch(model, length: int) -> int:
+    """How many rows decode together: their KV caches (keys and values, every layer) within the
+    memory budget (2 GiB on the CPU, half the free memory on a GPU)."""
+    budget_bytes = memory_budget(model.device, 2 << 30)
     cfg = model.tl.cfg
     per_row = 2 * cfg.n_layers * (cfg.n_key_value_heads or cfg.n_heads) * cfg.d_head * length * torch.finfo(cfg.dtype).bits // 8
     return max(1, budget_bytes // per_row)

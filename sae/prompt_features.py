@@ -60,7 +60,7 @@ class SAEActivationsParams:
           needs=_sae_needs, version=2, task="corpus")
 @torch.no_grad()
 def sae_activations(model, task, params: SAEActivationsParams, ctx) -> Result:
-    sae, layer = sae_of(ctx.inputs["sae"])
+    sae, layer = sae_of(ctx.inputs["sae"], model.device)
     frames = []
     for part in collect_z(model, task, layer):
         acts = sae.encode(part["z"].to(sae.W_enc.device)).float().cpu()
@@ -105,7 +105,7 @@ DFA_OUTPUTS = Outputs((
           DFA_OUTPUTS, needs=_sae_needs, version=2, task="corpus")
 @torch.no_grad()
 def sae_dfa(model, task, params: SAEDFAParams, ctx) -> Result:
-    sae, layer = sae_of(ctx.inputs["sae"])
+    sae, layer = sae_of(ctx.inputs["sae"], model.device)
     heads = sorted({h for lay, h in parse_heads(model, params.heads)} if params.heads else range(model.n_heads))
     if params.heads and any(lay != layer for lay, _ in parse_heads(model, params.heads)):
         raise WorkbenchError(f"the SAE reads layer {layer}; name heads of that layer (L{layer}H0..L{layer}H{model.n_heads - 1})")

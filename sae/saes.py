@@ -37,15 +37,15 @@ def head_attribution(w_dec: Float[Tensor, "d_sae d_in"], n_heads: int) -> Float[
     return norms / norms.sum(-1, keepdim=True).clamp(min=1e-12)
 
 
-def to_inference(training_sae, layer: int, model_name: str):
-    """A trained SAELens TrainingSAE as SAELens's inference SAE, through SAELens's own save/load."""
+def to_inference(training_sae, layer: int, model_name: str, device: str = "cpu"):
+    """A trained SAELens TrainingSAE as SAELens's inference SAE on `device`, through SAELens's own save/load."""
     from sae_lens import SAE
 
     training_sae.cfg.metadata.hook_name = f"blocks.{layer}.attn.hook_z"
     training_sae.cfg.metadata.model_name = model_name
     with tempfile.TemporaryDirectory() as d:
         training_sae.save_model(d)
-        return SAE.load_from_disk(d)
+        return SAE.load_from_disk(d, device=str(device))
 
 
 def sae_tensors_and_cfg(sae) -> tuple[dict[str, Tensor], dict]:
@@ -55,8 +55,8 @@ def sae_tensors_and_cfg(sae) -> tuple[dict[str, Tensor], dict]:
         return load_file(str(Path(d) / "sae_weights.safetensors")), json.loads((Path(d) / "cfg.json").read_text())
 
 
-def load_sae(result: Result):
-    """The SAELens SAE of a stored `sae.train` / `sae.load` result."""
+def load_sae(result: Result, device: str = "cpu"):
+    """The SAELens SAE of a stored `sae.train` / `sae.load` result, on `device` (the model's, to run with it)."""
     from sae_lens import SAE
 
     cfg = result.meta.get("sae_cfg")
@@ -67,14 +67,14 @@ def load_sae(result: Result):
     with tempfile.TemporaryDirectory() as d:
         save_file({k: result.tensors[k].contiguous() for k in names}, str(Path(d) / "sae_weights.safetensors"))
         (Path(d) / "cfg.json").write_text(json.dumps(cfg))
-        sae = SAE.load_from_disk(d)
+        sae = SAE.load_from_disk(d, device=str(device))
     sae.eval()
     return sae
 
 
-def sae_of(result: Result) -> tuple[object, int]:
-    """(SAE, layer) of a stored SAE run (a method's `needs` guarantee it is of the same model)."""
-    return load_sae(result), int(result.meta["layer"])
+def sae_of(result: Result, device: str = "cpu") -> tuple[object, int]:
+    """(SAE on `device`, layer) of a stored SAE run (a method's `needs` guarantee it is of the same model)."""
+    return load_sae(result, device), int(result.meta["layer"])
 
 
 def check_attention_sae(hook: str | None, d_in: int, model) -> int:
@@ -139,11 +139,11 @@ def sae_load(model, task, params: SAELoadParams, ctx) -> Result:
         path = Path(params.path).expanduser()
         if not (path / "cfg.json").is_file():
             raise WorkbenchError(f"{path} is not a SAELens SAE directory (no cfg.json); save one with sae.save_model(dir)")
-        sae = SAE.load_from_disk(str(path))
+        sae = SAE.load_from_disk(str(path), device=str(model.device))
         source = {"path": str(path.resolve())}
     else:
         try:
-            sae = SAE.from_pretrained(params.release, params.sae_id)
+            sae = SAE.from_pretrained(params.release, params.sae_id, device=str(model.device))
         except Exception as e:  # no hub, unknown release or id
             raise WorkbenchError(f"could not load SAE '{params.release}' / '{params.sae_id}' ({type(e).__name__}: {e}); "
                                  "check the names, or download it and give its directory as path") from None

@@ -106,8 +106,8 @@ def restore_checkpoint(trainer, path: Path) -> None:
     trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
     for name, sched in state["coefficient_schedulers"].items():
         trainer.coefficient_schedulers[name].load_state_dict(sched)
-    trainer.act_freq_scores = tensors["act_freq_scores"]
-    trainer.n_forward_passes_since_fired = tensors["n_forward_passes_since_fired"]
+    trainer.act_freq_scores = tensors["act_freq_scores"].to(trainer.cfg.device)
+    trainer.n_forward_passes_since_fired = tensors["n_forward_passes_since_fired"].to(trainer.cfg.device)
     for key in ("n_training_samples", "n_training_steps", "n_frac_active_samples", "started_fine_tuning"):
         setattr(trainer, key, state[key])
 
@@ -122,18 +122,20 @@ def training_mean(cache: ActivationCache, train_prompts: range) -> torch.Tensor:
 
 
 def train_sae(cache: ActivationCache, train_prompts: range, params: "SAETrainParams", d_sae: int,
-              checkpoints: tuple[Store, str] | None = None):
-    """Train with SAELens's SAETrainer on shuffled cached batches; with `checkpoints` = (store, run key)
-    it checkpoints there and resumes from the latest checkpoint it finds."""
+              checkpoints: tuple[Store, str] | None = None, device: str = "cpu"):
+    """Train with SAELens's SAETrainer on shuffled cached batches, on `device` (the model's: SAELens's
+    configs default to the CPU); with `checkpoints` = (store, run key) it checkpoints there and
+    resumes from the latest checkpoint it finds."""
     from sae_lens.config import LoggingConfig, SAETrainerConfig
 
     torch.manual_seed(params.seed)
     sae = make_sae(params.architecture, cache.d_in, d_sae, params.sparsity_coefficient, params.k)
     if params.b_dec_init == "mean":
         sae.b_dec.data = training_mean(cache, train_prompts)
+    sae.to(device)  # before a restored optimizer state is cast to its parameters' device (fit() moves it too late)
     cfg = SAETrainerConfig(total_training_samples=params.n_tokens, train_batch_size_samples=params.batch_size,
                            lr=params.lr, lr_end=params.lr, n_checkpoints=params.n_checkpoints if checkpoints else 0,
-                           logger=LoggingConfig(log_to_wandb=False))
+                           logger=LoggingConfig(log_to_wandb=False), device=str(device))
     trainer_cls = _trainer_class()
     # the data provider is attached after a possible restore, so it can skip the batches already seen
     trainer = trainer_cls(cfg=cfg, sae=sae, data_provider=iter(()))
@@ -201,8 +203,9 @@ def sae_train(model, task, params: SAETrainParams, ctx) -> Result:
     check_params(params, model, task)
     cache = cache_activations(ctx.store, model, task, params.layer)
     n_train = len(task) - params.eval_prompts
-    trained, resumed = train_sae(cache, range(n_train), params, params.expansion_factor * cache.d_in, (ctx.store, ctx.key))
-    sae = to_inference(trained, params.layer, model.identity.name)
+    trained, resumed = train_sae(cache, range(n_train), params, params.expansion_factor * cache.d_in, (ctx.store, ctx.key),
+                                 model.device)
+    sae = to_inference(trained, params.layer, model.identity.name, model.device)
     metrics = evaluate(model, task, params.layer, sae, range(n_train, len(task)))
     features = feature_pass(sae, model, cache, range(n_train), params.n_top_examples)
     result = sae_result(sae, model, params.layer, metrics,

@@ -38,8 +38,8 @@ def test_head_dla_equals_transformerlens_reference(smollm2):
     tokens, _ = task.tokens()
     with torch.no_grad():
         _, cache = smollm2.tl.run_with_cache(tokens)
-        stack = cache.stack_head_results(layer=-1, pos_slice=-1, apply_ln=True)  # [layer*head, batch, d_model]
-        W_U = smollm2.tl.W_U
+        stack = cache.stack_head_results(layer=-1, pos_slice=-1, apply_ln=True).cpu()  # [layer*head, batch, d_model]
+        W_U = smollm2.tl.W_U.cpu()
         dirs = (W_U[:, task.answer_ids()] - W_U[:, task.wrong_ids()]).T
         ref = torch.einsum("cbd,bd->bc", stack, dirs).reshape(len(task), smollm2.n_layers, smollm2.n_heads)
     assert torch.allclose(heads, ref, atol=1e-4)

@@ -66,8 +66,9 @@ def test_detectors_equal_transformerlens_per_prompt_mean(random_toy, exclude_bos
     for name, det_fn in TL_PATTERNS.items():
         expected = torch.zeros(tl.cfg.n_layers, tl.cfg.n_heads, dtype=torch.float64)
         for prompt in task.clean:
-            tokens = torch.tensor([prompt])
+            tokens = torch.tensor([prompt])  # the reference's detection patterns are built on the CPU
             _, cache = tl.run_with_cache(tokens, remove_batch_dim=True)
+            cache = cache.to("cpu")
             det = det_fn(tokens)
             for layer in range(tl.cfg.n_layers):
                 for h in range(tl.cfg.n_heads):
@@ -84,7 +85,7 @@ def test_detectors_equal_detect_head_on_the_embedded_model(smollm2):
     task = Task("text", {}, [tokens], [tokens], [0], [1])
     result = run("heads.detect", smollm2, task)
     for name in TL_PATTERNS:
-        expected = detect_head(smollm2.tl, text, f"{name}_head").double()
+        expected = detect_head(smollm2.tl, text, f"{name}_head").double().cpu()
         assert torch.allclose(head_grid(result, f"{name}_score", smollm2), expected, atol=1e-4), name
 
 
@@ -113,7 +114,7 @@ def direct_alpha(model, task):
         _, cache = tl.run_with_cache(torch.tensor([prompt]))
         counts[:n] += 1
         for layer in range(model.n_layers):
-            pattern = cache["pattern", layer][0].double()  # [head, q, k]
+            pattern = cache["pattern", layer][0].double().cpu()  # [head, q, k]
             for k in range(n):
                 sums[layer, :, k] += pattern[:, k:, k].mean(-1)
     return sums / counts.clamp(min=1)
@@ -157,7 +158,7 @@ def test_distance_profile_equals_direct_computation_and_finds_the_previous_token
         _, cache = tl.run_with_cache(torch.tensor([prompt]))
         d = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).clamp(min=0).double()
         for layer in range(random_toy.n_layers):
-            p = cache["pattern", layer][0].double()
+            p = cache["pattern", layer][0].double().cpu()
             mean[layer] += (p * d).sum((-2, -1))
             sq[layer] += (p * d**2).sum((-2, -1))
     mean /= n_queries

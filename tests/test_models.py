@@ -38,7 +38,7 @@ def test_embedded_model_matches_huggingface_logprobs(smollm2):
     text = "Alice opened the door and saw that the garden was full of"
     ids = torch.tensor([smollm2.to_tokens(text)])
     with torch.no_grad():
-        ours = smollm2.tl(ids).log_softmax(-1)
+        ours = smollm2.tl(ids).log_softmax(-1).cpu()
         theirs = hf(ids).logits.log_softmax(-1)
     assert (ours - theirs).abs().max().item() < 1e-3
 
@@ -90,7 +90,11 @@ def test_linear_layout_keeps_logits_bit_identical_and_weights_hash(extra):
     assert not tl.unembed.W_U.is_contiguous() and tl.unembed.W_U.T.is_contiguous()
     assert not tl.blocks[0].attn.W_O.is_contiguous()
     with torch.no_grad():
-        assert torch.equal(tl(tokens), before)
+        after = tl(tokens)
+    if after.is_cuda:  # cuBLAS picks other kernels for other strides: equal to float32 rounding, not bit for bit
+        assert torch.allclose(after, before, atol=1e-5, rtol=0)
+    else:
+        assert torch.equal(after, before)
     assert weights_hash(tl) == hash_before
 
 
@@ -159,7 +163,7 @@ def test_local_huggingface_directory_loads_with_grouped_query_attention(tmp_path
     assert model.identity.source == "hf-dir"
     tokens = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
-        diff = model.tl(tokens).log_softmax(-1) - hf(tokens).logits.log_softmax(-1)
+        diff = model.tl(tokens).log_softmax(-1).cpu() - hf(tokens).logits.log_softmax(-1)
     assert diff.abs().max().item() < 1e-4
 
 
@@ -204,3 +208,18 @@ def test_tf32_is_keyed_refused_where_it_cannot_apply_and_set_only_while_a_run_co
         assert seen == [True, False] and torch.backends.cuda.matmul.allow_tf32 is False
     finally:
         _METHODS.pop("test.tf32_probe")
+
+
+def test_a_random_model_in_a_real_shape_holds_the_same_weights_as_its_huggingface_twin(smollm2):
+    """Benchmarks time ours against Hugging Face on these: both must compute the same function."""
+    from workbench.models.shapes import SHAPES, random_model
+
+    model, hf = random_model("gpt2-small", device="cpu", tokenizer=smollm2.tokenizer, keep_hf=True)
+    shape = SHAPES["gpt2-small"]
+    assert (model.n_layers, model.n_heads, model.d_model, model.d_vocab) == (shape["n_layer"], shape["n_head"],
+                                                                               shape["n_embd"], shape["vocab_size"])
+    ids = torch.tensor([model.to_tokens("When Mary and John went to the store, John gave a drink to")])
+    with torch.no_grad():
+        diff = model.tl(ids).log_softmax(-1) - hf(ids).logits.log_softmax(-1)
+    assert diff.abs().max().item() < 1e-4
+    assert model.identity.weights_hash == "random-gpt2-small-seed0-cpu"

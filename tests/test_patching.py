@@ -58,7 +58,7 @@ def test_equals_transformerlens_on_a_toy_model(toy_mlp, activation, reference, b
     ours = run.run(activation, indices, chunk_tokens=64, progress=False)  # small chunks: several per layer
     base_tokens = run.corrupt_tokens if direction == "denoise" else run.clean_tokens
     ref = reference(toy_mlp.tl, base_tokens, run.source_cache, tl_metric(run, task))
-    ref = (ref.permute(*order) if order else ref).reshape(-1)
+    ref = (ref.permute(*order) if order else ref).reshape(-1).cpu()
     assert torch.allclose(ours, ref, atol=1e-4)
 
 

@@ -48,10 +48,13 @@ def test_copies_are_counted_without_deduplication_as_the_reference_does(wired):
     assert result.metric("retrieval_score").set_index(["layer", "head"])["value"][(1, 0)] == pytest.approx(1.0)
 
 
-def test_decode_argmax_equals_the_full_forward_pattern_argmax():
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-prefill", "prefill-in-chunks-of-16"])
+def test_decode_argmax_equals_the_full_forward_pattern_argmax(chunked, monkeypatch):
+    if chunked:  # the smallest score budget: the 40-token prompt is read 16 queries at a time
+        monkeypatch.setattr("circuits.retrieval.PREFILL_SCORE_BYTES", 1)
     tl = make_toy_tl(n_layers=2, seed=7, attn_only=False, normalization_type="LN")
     model = from_hooked_transformer(tl, "toy")
-    prompt = torch.randint(0, 50, (20,)).tolist()
+    prompt = torch.randint(0, 50, (40,)).tolist()
     gen = greedy_generate(model, prompt, 8, track_argmax=True)
     assert len(gen.tokens) == 8
     full = torch.tensor([prompt + gen.tokens])
@@ -60,7 +63,7 @@ def test_decode_argmax_equals_the_full_forward_pattern_argmax():
     assert logits[0, len(prompt) - 1 : -1].argmax(-1).tolist() == gen.tokens  # the same greedy continuation
     for step in range(8):
         q = len(prompt) - 1 + step
-        expected = torch.stack([cache["pattern", layer][0, :, q].argmax(-1) for layer in range(2)])
+        expected = torch.stack([cache["pattern", layer][0, :, q].argmax(-1) for layer in range(2)]).cpu()
         assert torch.equal(gen.argmax[step], expected)
 
 

@@ -43,7 +43,7 @@ def standard(toy_and_task, sae_store):
 
 def hook_z(toy, tokens, layer=1):
     _, cache = toy.tl.run_with_cache(torch.tensor([tokens]))
-    return cache[f"blocks.{layer}.attn.hook_z"][0].flatten(-2)  # [pos, head * d_head]
+    return cache[f"blocks.{layer}.attn.hook_z"][0].flatten(-2).cpu()  # [pos, head * d_head], beside the stored SAE
 
 
 def test_the_activation_cache_holds_hook_z_in_shards_with_token_prompt_and_position(toy_and_task, tmp_path):
@@ -198,8 +198,8 @@ def test_top_examples_histograms_and_logit_effects_match_a_direct_computation(to
     assert prompt < task_count and float(acts[row, f]) == pytest.approx(float(t["example_max"][f, 0]), abs=1e-5)
     assert t["example_acts"][f, 0, 12] == pytest.approx(float(t["example_max"][f, 0]), abs=1e-5)
     assert t["example_tokens"][f, 0].tolist()[: 12 + 1][-min(12, position) - 1:] == data["token"][row - min(12, position): row + 1].tolist()
-    direction = torch.einsum("hd,hdm->m", sae.W_dec[f].view(toy.n_heads, toy.d_head), toy.tl.W_O[1])
-    logits = (direction @ toy.tl.W_U).detach()
+    direction = torch.einsum("hd,hdm->m", sae.W_dec[f].view(toy.n_heads, toy.d_head), toy.tl.W_O[1].cpu())
+    logits = (direction @ toy.tl.W_U.cpu()).detach()
     assert t["logit_top_ids"][f].tolist() == logits.topk(10).indices.tolist()
     assert torch.allclose(t["logit_bottom_values"][f], logits.topk(10, largest=False).values, atol=1e-5)
 

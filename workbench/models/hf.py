@@ -16,8 +16,9 @@ from workbench.models.wrapper import Model, ModelIdentity
 from workbench.spec import ModelSpec
 
 
-def tl_from_hf(hf_model, tokenizer, hf_config: dict[str, Any], prepend_bos: bool):
-    """Convert a loaded HF causal LM into a processed HookedTransformer, as TL's from_pretrained does.
+def tl_from_hf(hf_model, tokenizer, hf_config: dict[str, Any], prepend_bos: bool, device: str = "cpu"):
+    """Convert a loaded HF causal LM into a processed HookedTransformer, as TL's from_pretrained does
+    (built on `device`: a large model converts much faster on the GPU its weights are on).
 
     TransformerLens reads the config from a directory, and for paths whose name contains
     "llama" or "gemma" it guesses from the name instead of reading it; so the config is handed
@@ -32,10 +33,10 @@ def tl_from_hf(hf_model, tokenizer, hf_config: dict[str, Any], prepend_bos: bool
         neutral = Path(tmp) / "model"
         neutral.mkdir()
         (neutral / "config.json").write_text(json.dumps(hf_config))
-        cfg = lp.get_pretrained_model_config(str(neutral), fold_ln=True, default_prepend_bos=prepend_bos, device="cpu")
+        cfg = lp.get_pretrained_model_config(str(neutral), fold_ln=True, default_prepend_bos=prepend_bos, device=device)
         state = lp.get_pretrained_state_dict(str(neutral), cfg, hf_model)
     cfg.tokenizer_name = None  # the tokenizer (if any) is passed in; never look for one elsewhere
-    tl = hooked_transformer(cfg, tokenizer)
+    tl = hooked_transformer(cfg, tokenizer, device)
     is_layernorm = cfg.normalization_type in ("LN", "LNPre")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

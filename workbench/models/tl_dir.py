@@ -83,12 +83,13 @@ def is_tl_dir(path: Path) -> bool:
     return "d_model" in cfg and "n_layers" in cfg and "architectures" not in cfg
 
 
-def hooked_transformer(cfg, tokenizer=None):
+def hooked_transformer(cfg, tokenizer=None, device: str = "cpu"):
     from transformer_lens import HookedTransformer
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
-        return HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+        with torch.device(device):  # parameters are created where they will live
+            return HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
 
 
 def load_tl_dir(path: Path, spec: ModelSpec, device: str) -> Model:

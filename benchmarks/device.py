@@ -1,0 +1,301 @@
+"""Method families against their references on this machine's device, with the arithmetic floor.
+
+    .venv/bin/python benchmarks/device.py [--only rate sweep atp retrieval eap long] [--device cuda]
+
+Models have random weights in a real model's shape (`workbench.models.shapes`): the embedded
+model's ("135m"), Llama-3.2-1B's ("1b") and GPT-2 small's. Every time is taken with the device
+synchronised, after a warm-up. The floor of a case is the matrix-product FLOPs its work needs
+divided by the matmul rate measured here at the same precision (`rate`); "floor x" is the
+measured time over that floor (1.0 would be every cycle on useful arithmetic).
+
+- `sweep`: the all-positions head sweep (exact patching of every head's output), ours against
+  TransformerLens's `get_act_patch_attn_head_out_all_pos` (one full forward per head; timed on a
+  sample of heads and extrapolated, it is linear in them), 16 prompts;
+- `atp`: attribution patching of every head, in forward-equivalents (its time over one forward);
+- `retrieval`: retrieval-head scoring (greedy decode reading every head's attention argmax) against
+  Hugging Face's greedy `generate` with SDPA attention on the same weights: time and peak memory;
+- `eap`: EAP and EAP-IG (5 steps) over every edge of the GPT-2-small shape, 1,000 prompts;
+- `long`: every method family on one long prompt (8k tokens on the 135M shape, 4k on the 1B shape):
+  seconds and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+ROWS: list[tuple] = []
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats: int = 1, warmup: int = 1) -> float:
+    """Best of `repeats` wall-clock runs, the device synchronised around each."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def peak_bytes(fn, device) -> tuple[float, int]:
+    """(seconds, peak device memory above what was allocated before) of one run; CUDA only."""
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    seconds = timed(fn, device, warmup=0)
+    return seconds, torch.cuda.max_memory_allocated(device) - before
+
+
+def matmul_rate(device, dtype: torch.dtype, tf32: bool = False) -> float:
+    """FLOP/s of a large square matrix product at this precision, on random data."""
+    n = 8192 if torch.device(device).type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        seconds = timed(lambda: a @ b, device, repeats=5, warmup=2)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    return 2 * n**3 / seconds
+
+
+def layer_flops(cfg, n_keys: float) -> float:
+    """Matrix-product FLOPs of one token through one block, attending to `n_keys` keys on average."""
+    d, h, kv, dh = cfg.d_model, cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads, cfg.d_head
+    mlp = 0 if cfg.attn_only else (3 if cfg.gated_mlp else 2) * d * cfg.d_mlp
+    return 2 * (d * (h + 2 * kv) * dh + h * dh * d + mlp) + 4 * h * dh * n_keys
+
+
+def random_task(model, n_prompts: int, n_tokens: int, seed: int = 0):
+    """Prompts of random tokens (random weights make content irrelevant): the corrupted prompt
+    differs in its first half, answers and wrong answers are random tokens."""
+    from workbench.tasks.base import Task
+
+    g = torch.Generator().manual_seed(seed)
+    vocab = min(model.d_vocab, 49152)
+    clean = torch.randint(1, vocab, (n_prompts, n_tokens), generator=g)
+    corrupt = clean.clone()
+    corrupt[:, : n_tokens // 2] = torch.randint(1, vocab, (n_prompts, n_tokens // 2), generator=g)
+    ans = torch.randint(1, vocab, (2, n_prompts), generator=g)
+    return Task("random", {"n_tokens": n_tokens}, clean.tolist(), corrupt.tolist(), ans[0].tolist(), ans[1].tolist())
+
+
+def row(case: str, ours: float, ref: float | None = None, ref_name: str = "", floor: float | None = None,
+        memory: str = "") -> None:
+    ratio = f"{ref / ours:.1f}x" if ref else ""
+    ROWS.append((case, f"{ours:.3f}", f"{ref:.2f}" if ref else "", ref_name, ratio,
+                 f"{ours / floor:.1f}" if floor else "", memory))
+    print("  ".join(str(c) for c in ROWS[-1]), flush=True)
+
+
+def precision_of(dtype: str, tf32: bool) -> str:
+    return "tf32" if tf32 else dtype
+
+
+def load(shape: str, dtype: str, device: str, tf32: bool = False, keep_hf: bool = False):
+    from workbench.models.shapes import random_model
+
+    out = random_model(shape, dtype, device, keep_hf=keep_hf)
+    model = out[0] if keep_hf else out
+    if tf32:
+        import dataclasses
+
+        model.identity = dataclasses.replace(model.identity, tf32=True)
+    return out
+
+
+def sweep(args, rates) -> None:
+    import pandas as pd
+    import transformer_lens.patching as P
+
+    from circuits.patching import PatchingRun, head_indices
+
+    cases = [("smollm2-135m", 14, "float32", False), ("smollm2-135m", 128, "float32", True),
+             ("smollm2-135m", 128, "bfloat16", False), ("llama-3.2-1b", 128, "bfloat16", False),
+             ("llama-3.2-1b", 128, "float32", True)]
+    if args.device == "cpu":
+        cases = [("smollm2-135m", 14, "float32", False)]
+    for shape, n_tokens, dtype, tf32 in cases:
+        model = load(shape, dtype, args.device, tf32)
+        task = random_task(model, args.prompts, n_tokens)
+        with model.precision():
+            run = PatchingRun(model, task, activations=("z",))
+            indices = head_indices(model, "z", n_tokens, False)
+            ours = timed(lambda: run.run("z", indices, progress=False), args.device)
+            rows = torch.arange(len(task), device=model.device)
+
+            def metric(logits):
+                last = logits[rows, run.final_idx]
+                return (last[rows, task.answer_ids(model.device)] - last[rows, task.wrong_ids(model.device)]).mean()
+
+            sample = list(range(0, len(indices), max(1, len(indices) // args.sample)))[: args.sample]
+            index_df = pd.DataFrame([(indices[i].layer, indices[i].head) for i in sample], columns=["layer", "head"])
+            setter = P.get_act_patch_attn_head_out_all_pos.keywords["patch_setter"]
+
+            def reference():
+                with torch.no_grad():
+                    P.generic_activation_patch(model.tl, run.corrupt_tokens, run.clean_cache, metric, patch_setter=setter,
+                                               activation_name="z", index_df=index_df)
+
+            ref = timed(reference, args.device) * len(indices) / len(sample)
+        cfg = model.cfg
+        tokens = args.prompts * n_tokens
+        flops = sum(model.n_heads * tokens * (model.n_layers - layer) * layer_flops(cfg, n_tokens / 2)
+                    for layer in range(model.n_layers)) + len(indices) * args.prompts * 2 * cfg.d_model * cfg.d_vocab
+        floor = flops / rates[precision_of(dtype, tf32)]
+        row(f"head sweep, {shape} shape, {n_tokens} tokens, {precision_of(dtype, tf32)}", ours, ref,
+            f"TransformerLens (~, {len(sample)} heads timed)", floor)
+        del run, model
+
+
+def atp(args, rates) -> None:
+    from circuits.attribution_patching import attribution_patch
+
+    cases = [("smollm2-135m", 14, "float32"), ("smollm2-135m", 128, "bfloat16"), ("llama-3.2-1b", 128, "bfloat16")]
+    for shape, n_tokens, dtype in (cases if args.device != "cpu" else cases[:1]):
+        model = load(shape, dtype, args.device)
+        task = random_task(model, args.prompts, n_tokens)
+        tokens, _ = task.tokens("clean", device=model.device)
+        with torch.no_grad():
+            forward = timed(lambda: model.tl(tokens), args.device, repeats=5)
+        ours = timed(lambda: attribution_patch(model, task, ("z",)), args.device, repeats=3)
+        row(f"attribution patching, {shape} shape, {n_tokens} tokens, {dtype}: {ours / forward:.2f} forwards "
+            f"(one forward {forward:.4f} s)", ours)
+        del model
+
+
+def retrieval(args, rates) -> None:
+    from circuits.retrieval import greedy_generate
+
+    shape, n_tokens = ("llama-3.2-1b", 4096) if args.device != "cpu" else ("smollm2-135m", 1024)
+    for dtype in ("float32", "bfloat16"):
+        model, hf = load(shape, dtype, args.device, keep_hf=True)
+        hf.to(dtype=model.tl.cfg.dtype)
+        prompt = random_task(model, 1, n_tokens).clean[0]
+        x = torch.tensor([prompt], device=model.device)
+        n_new = 32
+
+        def ours():
+            with torch.no_grad():
+                greedy_generate(model, prompt, n_new, track_argmax=True, stop_at_special=False)
+
+        def reference():
+            with torch.no_grad():
+                hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n_new, min_new_tokens=n_new,
+                            do_sample=False, pad_token_id=0)
+
+        ours(), reference()  # warm-up
+        if args.device == "cpu":
+            t_ours, t_ref, memory = timed(ours, args.device, warmup=0), timed(reference, args.device, warmup=0), ""
+        else:
+            t_ours, m_ours = peak_bytes(ours, args.device)
+            t_ref, m_ref = peak_bytes(reference, args.device)
+            memory = f"peak {m_ours / 2**20:.0f} MiB vs {m_ref / 2**20:.0f} MiB ({m_ours / m_ref:.2f}x)"
+        row(f"retrieval scoring, {shape} shape, {n_tokens} tokens + {n_new}, {dtype}", t_ours, t_ref,
+            "HF generate (SDPA)", None, memory)
+        print(f"    time ours / HF: {t_ours / t_ref:.2f}", flush=True)
+        del model, hf
+
+
+def eap(args, rates) -> None:
+    from circuits.eap import eap_scores
+    from circuits.graph import build_graph
+    from workbench.tasks import build_task
+
+    model = load("gpt2-small", "float32", args.device)
+    n = args.eap_prompts
+    task = build_task(model, "ioi", {"n_prompts": n, "templates": ["When {A} and {B} went to the {PLACE}, {S} gave a {OBJECT} to"]})
+    graph = build_graph(model)
+    tokens, _ = task.tokens("clean", device=model.device)
+    with torch.no_grad():
+        forward = timed(lambda: model.tl(tokens), args.device, repeats=3)
+    for label, steps in (("EAP", 1), ("EAP-IG, 5 steps", 5)):
+        t = timed(lambda: eap_scores(model, task, graph, steps=steps, batch_size=n), args.device)
+        row(f"{label}, gpt2-small shape, {n} IOI prompts x {tokens.shape[1]} tokens, {graph.n_edges()} edges: "
+            f"{t / forward:.2f} forwards (one forward {forward:.4f} s)", t)
+
+
+def long(args, rates) -> None:
+    """Every method family on one long prompt: seconds and peak memory (CUDA), or seconds (CPU)."""
+    from circuits.attribution import dla_components
+    from circuits.attribution_patching import attribution_patch
+    from circuits.heads import detector_scores, sink_stats
+    from circuits.patching import PatchingRun, head_indices
+    from circuits.retrieval import greedy_generate
+
+    cases = [("smollm2-135m", 8192 - 32, "bfloat16"), ("llama-3.2-1b", 4096, "bfloat16")]  # 8k: the 32 decoded fit n_ctx
+    if args.device == "cpu":
+        cases = [("smollm2-135m", args.cpu_long, "float32")]
+    for shape, n_tokens, dtype in cases:
+        model = load(shape, dtype, args.device)
+        task = random_task(model, 1, n_tokens)
+        tokens, lengths = task.tokens("clean", device=model.device)
+        families = {
+            "forward": lambda: model.tl(tokens),
+            "head patching (all positions)": lambda: PatchingRun(model, task, activations=("z",)).run(
+                "z", head_indices(model, "z", n_tokens, False), progress=False),
+            "attribution patching": lambda: attribution_patch(model, task, ("z",)),
+            "direct logit attribution": lambda: dla_components(model, task, 1),
+            "detectors": lambda: detector_scores(model, tokens, lengths, batch_size=1),
+            "sinks": lambda: sink_stats(model, tokens, lengths, batch_size=1),
+            "retrieval decode (32 tokens)": lambda: greedy_generate(model, task.clean[0], 32, track_argmax=True,
+                                                                     stop_at_special=False),
+        }
+        for name, fn in families.items():
+            def call():
+                with torch.no_grad() if name != "attribution patching" else torch.enable_grad():
+                    fn()
+            try:
+                if args.device == "cpu":
+                    seconds, memory = timed(call, args.device, warmup=0), ""
+                else:
+                    seconds, peak = peak_bytes(call, args.device)
+                    memory = f"peak {peak / 2**30:.2f} GiB"
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                print(f"{name}, {shape} shape, {n_tokens} tokens: out of device memory", flush=True)
+                continue
+            row(f"long prompt: {name}, {shape} shape, {n_tokens} tokens, {dtype}", seconds, None, "", None, memory)
+        del model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", nargs="+", default=["rate", "sweep", "atp", "retrieval", "eap", "long"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--sample", type=int, default=32, help="heads the reference sweep is timed on")
+    parser.add_argument("--eap-prompts", type=int, default=1000)
+    parser.add_argument("--cpu-long", type=int, default=1024, help="the long prompt's length on the CPU")
+    args = parser.parse_args()
+    from workbench.paths import configure_threads
+
+    configure_threads()
+    name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}", flush=True)
+    rates = {"float32": matmul_rate(args.device, torch.float32), "bfloat16": matmul_rate(args.device, torch.bfloat16)}
+    if args.device == "cuda":
+        rates["tf32"] = matmul_rate(args.device, torch.float32, tf32=True)
+        rates["float16"] = matmul_rate(args.device, torch.float16)
+    print("measured matmul rate: " + ", ".join(f"{k} {v / 1e12:.1f} TFLOP/s" for k, v in rates.items()), flush=True)
+    for section in ("sweep", "atp", "retrieval", "eap", "long"):
+        if section in args.only:
+            globals()[section](args, rates)
+    print("\n| case | ours s | reference s | reference | ratio | floor x | memory |\n| --- | --- | --- | --- | --- | --- | --- |")
+    for r in ROWS:
+        print("| " + " | ".join(r) + " |")
+
+
+if __name__ == "__main__":
+    main()
