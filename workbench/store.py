@@ -97,10 +97,13 @@ class Store:
 
     def _ensure(self) -> None:
         self._check_format()
-        for sub in ("runs", "tmp", "locks"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        # the format marker first: a concurrent writer that sees runs/ must also see store.json
+        # (runs/ without it is how a format-1 store looks)
+        self.root.mkdir(parents=True, exist_ok=True)
         if not (self.root / "store.json").is_file():
             write_file_atomic(self.root / "store.json", json.dumps({"format": FORMAT}))
+        for sub in ("runs", "tmp", "locks"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._query(lambda db: db.execute(_TABLE), write=True)
 
     # -- the catalog database ----------------------------------------------------------------
