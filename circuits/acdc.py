@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from workbench.progress import tqdm
 
-from circuits.faithfulness import CircuitEvaluator
+from circuits.circuit_run import CircuitEvaluator
 from circuits.graph import Graph, build_graph
 from workbench.errors import WorkbenchError
 from workbench.methods import EDGE_INDEX, Metric, Outputs, register

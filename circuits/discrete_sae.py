@@ -5,7 +5,9 @@ Positive prompts are clean prompts the model answers (logit difference > 0); neg
 corrupted prompts on which it does not prefer the clean answer. Each head's output (hook_z)
 averaged over a prompt's real positions is one vector per (prompt, head); a small SAE per head,
 trained on those vectors, turns each into an integer code (its most active feature, -1 when none
-fires). A head scores the number of codes that occur on positives and never on negatives.
+fires). A head scores the number of codes that occur on positives and never on negatives; a pair
+of heads the number of joint codes (the two codes together) that do, stored for the pairs that
+score above both heads alone (what the pair adds).
 
 The SAEs are tiny (a few hundred features on a few dozen vectors) and there is one per head, so
 they are trained here all at once as one batched problem (SAELens trains one SAE at a time).
@@ -22,6 +24,7 @@ from torch import Tensor
 from circuits.patching import unembed_final
 from workbench.errors import WorkbenchError
 from workbench.methods import Metric, Outputs, register
+from workbench.nodes import head_name
 from workbench.params import require
 from workbench.result import Result
 
@@ -73,6 +76,22 @@ def code_scores(positive: Tensor, negative: Tensor) -> Tensor:
     return torch.tensor([float(len(set(p.tolist()) - set(q.tolist()) - {-1})) for p, q in zip(positive, negative)])
 
 
+def pair_scores(positive: Tensor, negative: Tensor) -> Tensor:
+    """[sae, sae]: for each pair of SAEs, how many distinct joint codes (both codes together, -1 in
+    either = none) occur on positives and never on negatives; vectorised, one first SAE at a time."""
+    n = positive.shape[0]
+    out = torch.zeros(n, n)
+    earlier = torch.ones(positive.shape[1], positive.shape[1], dtype=torch.bool).tril(-1)  # [i, j]: j < i
+    for a in range(n):
+        pos = torch.stack([positive[a].expand_as(positive), positive], -1)  # [sae, prompt, 2]
+        neg = torch.stack([negative[a].expand_as(negative), negative], -1)
+        on_negatives = (pos[:, :, None] == neg[:, None]).all(-1).any(-1)  # [sae, positive prompt]
+        repeated = ((pos[:, :, None] == pos[:, None]).all(-1) & earlier).any(-1)  # seen on an earlier positive
+        coded = (pos >= 0).all(-1)
+        out[a] = (coded & ~on_negatives & ~repeated).sum(-1).float()
+    return out
+
+
 @dataclass(frozen=True)
 class DiscreteSAEParams:
     n_features: int = 200
@@ -90,6 +109,9 @@ class DiscreteSAEParams:
           "heads scored by discrete SAE codes (O'Neill & Bui): codes of positive prompts that never occur on negatives",
           Outputs((Metric("discrete_sae_score", "distinct SAE codes of the head's mean output on positive prompts that "
                           "never occur on negative ones"),
+                   Metric("discrete_sae_pair_score", "distinct joint codes of two heads (src, dst: node names, src "
+                          "first) on positive prompts that never occur on negative ones; pairs scoring above both "
+                          "heads alone", "head", ("src", "dst"), "detail"),
                    Metric("positive_prompts", "clean prompts the model answers", "model", (), "summary"),
                    Metric("negative_prompts", "corrupted prompts on which it does not prefer the answer", "model", (), "summary"))))
 def discrete_sae(model, task, params: DiscreteSAEParams, ctx) -> Result:
@@ -105,6 +127,13 @@ def discrete_sae(model, task, params: DiscreteSAEParams, ctx) -> Result:
     scores = code_scores(codes[:, : len(pos)], codes[:, len(pos):]).view(n_layers, n_heads)
     frame = pd.DataFrame([dict(component="head", layer=lyr, head=h, metric="discrete_sae_score", value=float(scores[lyr, h]))
                           for lyr in range(n_layers) for h in range(n_heads)])
+    pairs = pair_scores(codes[:, : len(pos)], codes[:, len(pos):])
+    single = scores.flatten()
+    better = (pairs > torch.maximum(single[:, None], single[None, :])).triu(1).nonzero().tolist()
+    name = [head_name(lyr, h) for lyr in range(n_layers) for h in range(n_heads)]
+    frame = pd.concat([frame, pd.DataFrame([dict(component="head", src=name[a], dst=name[b], metric="discrete_sae_pair_score",
+                                                 value=float(pairs[a, b])) for a, b in better],
+                                           columns=["component", "src", "dst", "metric", "value"])], ignore_index=True)
     summary = pd.DataFrame({"component": "model", "metric": ["positive_prompts", "negative_prompts"],
                             "value": [float(len(pos)), float(len(neg))]})
     return Result(pd.concat([frame, summary], ignore_index=True))

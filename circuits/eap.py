@@ -25,9 +25,11 @@ import torch
 from torch import Tensor
 from workbench.progress import tqdm
 
-from circuits.graph import Graph, build_graph, check_model, source_hooks, source_outputs
+from circuits.graph import Graph, build_graph, check_model, source_hooks
 from circuits.patching import Baselines, metric_values, unembed_final
-from workbench.device_memory import memory_budget
+from circuits.own_hooks import own_hooks
+from workbench.device_memory import forward_bytes_per_token, memory_budget
+from workbench.errors import WorkbenchError
 from workbench.methods import EDGE_INDEX, Metric, Outputs, register
 from workbench.nodes import parse_node
 from workbench.params import require
@@ -65,11 +67,30 @@ def input_hooks(tl) -> Iterator[dict[str, Tensor]]:
     if not tl.cfg.attn_only:
         tl.set_use_hook_mlp_in(True)  # a clone of the MLP's input, read by the MLP alone: its gradient is the MLP path's
     try:
-        with tl.hooks(fwd_hooks=hooks):
+        with own_hooks(tl, hooks):
             yield kept
     finally:
         if not tl.cfg.attn_only:
             tl.set_use_hook_mlp_in(before)
+
+
+def norm_vjp(norm, x: Tensor, cotangents: Tensor) -> Tensor:
+    """[entry, batch, pos, d_model]: x's gradient through a layer's first norm for each cotangent.
+    TransformerLens's weightless pre-norms (RMSNormPre, LayerNormPre) in closed form, float32:
+    g_x = r (g - mean(g) - y mean(g y)) (RMS: without mean(g)), three passes over the entries
+    instead of a vectorised autograd call's eight; any other norm through `torch.func`."""
+    kind = type(norm).__name__
+    if kind not in ("RMSNormPre", "LayerNormPre"):
+        _, vjp = torch.func.vjp(norm, x)
+        return torch.func.vmap(vjp)(cotangents)[0].detach()
+    x, g = x.float(), cotangents.float()
+    if kind == "LayerNormPre":
+        x = x - x.mean(-1, keepdim=True)
+        g = g - g.mean(-1, keepdim=True)
+    r = (x.pow(2).mean(-1, keepdim=True) + norm.eps).rsqrt()
+    y = x * r
+    s = torch.einsum("ebpd,bpd->ebp", g, y)[..., None] / x.shape[-1]
+    return torch.addcmul(g, y, s, value=-1).mul_(r)
 
 
 def input_gradients(model, kept: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -86,8 +107,7 @@ def input_gradients(model, kept: dict[str, Tensor]) -> dict[str, Tensor]:
         attn = tl.blocks[layer].attn
         w = {"q": attn.W_Q, "k": getattr(attn, "_W_K", attn.W_K), "v": getattr(attn, "_W_V", attn.W_V)}
         parts = [torch.einsum("bphe,hde->hbpd", kept[f"blocks.{layer}.attn.hook_{x}"].grad, w[x]) for x in "qkv"]
-        _, vjp = torch.func.vjp(tl.blocks[layer].ln1, kept[f"blocks.{layer}.hook_resid_pre"])
-        grads = torch.func.vmap(vjp)(torch.cat(parts))[0].detach()  # [entry, batch, pos, d_model]
+        grads = norm_vjp(tl.blocks[layer].ln1, kept[f"blocks.{layer}.hook_resid_pre"], torch.cat(parts))
         for x, g in zip("qkv", grads.split([p.shape[0] for p in parts])):
             out[f"blocks.{layer}.hook_{x}_input"] = g
         if not model.cfg.attn_only:
@@ -105,9 +125,48 @@ def target_blocks(graph: Graph, n_blocks: int = 6) -> list[tuple[int, int, int]]
     return [(a, min(a + size, len(graph.targets)), max(prefix[a:a + size])) for a in range(0, int(reach.max()) + 1, size)]
 
 
-def eap_scores(model, task, graph: Graph, metric: str = "logit_diff", steps: int = 1,
-               batch_size: int = 16) -> tuple[Tensor, Baselines]:
-    """[source, target] scores (0 where no edge) and the clean / corrupted metric baselines."""
+def group_hooks(model) -> list[str]:
+    """The node groups EAP-IG-activations interpolates one at a time (as Hanna et al.'s code and
+    MIB do): the embeddings, each layer's attention output (all its heads) and each MLP's output."""
+    names = ["blocks.0.hook_resid_pre"]
+    for layer in range(model.n_layers):
+        names.append(f"blocks.{layer}.hook_attn_out")
+        if not model.cfg.attn_only:
+            names.append(f"blocks.{layer}.hook_mlp_out")
+    return names
+
+
+def source_differences(model, graph: Graph, clean: dict[str, Tensor], corrupted: dict[str, Tensor]) -> Tensor:
+    """[source, batch x pos x d_model], clean - corrupted output of every source, in float32; a
+    head's difference is its z difference through its W_O slice (one product, not two)."""
+    tl = model.tl
+    first = clean["blocks.0.hook_resid_pre"]
+    out = torch.empty(len(graph.sources), *first.shape, device=first.device, dtype=torch.float32)
+    out[0] = first - corrupted["blocks.0.hook_resid_pre"]
+    i = 1
+    for layer in range(model.n_layers):
+        dz = (clean[f"blocks.{layer}.attn.hook_z"] - corrupted[f"blocks.{layer}.attn.hook_z"]).float()
+        b, p = dz.shape[:2]  # [head, batch x pos, d_head] @ [head, d_head, d_model], written in place
+        torch.bmm(dz.reshape(b * p, model.n_heads, -1).transpose(0, 1), tl.blocks[layer].attn.W_O.float(),
+                  out=out[i:i + model.n_heads].view(model.n_heads, b * p, -1))
+        i += model.n_heads
+        if not model.cfg.attn_only:
+            out[i] = clean[f"blocks.{layer}.hook_mlp_out"] - corrupted[f"blocks.{layer}.hook_mlp_out"]
+            i += 1
+    if i != len(graph.sources):
+        raise WorkbenchError("the graph does not match the model's sources")
+    return out.view(len(graph.sources), -1)
+
+
+def eap_scores(model, task, graph: Graph, metric: str = "logit_diff", steps: int = 1, batch_size: int = 16,
+               interpolate: Literal["inputs", "activations"] = "inputs") -> tuple[Tensor, Baselines]:
+    """[source, target] scores (0 where no edge) and the clean / corrupted metric baselines.
+
+    `interpolate="inputs"` is EAP-IG (EAP at one step). `"activations"` is EAP-IG-activations:
+    for each node group in turn (`group_hooks`) and each alpha, that group's output is set to
+    corrupted + alpha (clean - corrupted), held fixed (no gradient flows through it), on the
+    corrupted run; a target's gradient is the mean over every group and alpha. It costs groups x
+    steps forwards and backwards (on the embedded model 61 x steps)."""
     check_model(model)
     tl, device, n = model.tl, model.device, model.n_layers
     clean_all, lengths_all = task.tokens("clean", device=device)
@@ -118,58 +177,98 @@ def eap_scores(model, task, graph: Graph, metric: str = "logit_diff", steps: int
         first, _ = rows_of.get(t.hook, (i, i))
         rows_of[t.hook] = (first, i + 1)
     blocks = target_blocks(graph)
-    names = set(source_hooks(model))
+    groups = group_hooks(model) if interpolate == "activations" else []
+    names = set(source_hooks(model)) | set(groups)
+    passes = [(g, step / steps) for g in groups for step in range(steps)] if groups else [(None, step / steps) for step in range(steps)]
     n_sources, n_targets = len(graph.sources), len(graph.targets)
     scores = torch.zeros(n_sources, n_targets, dtype=torch.float64)
     values = {"clean": 0.0, "corrupted": 0.0}
     # the gradients of one chunk at every target, [target, batch x pos x d_model], bounded in size
     grad_bytes = memory_budget(device, GRAD_BYTES, share=0.25)
     batch_size = max(1, min(batch_size, grad_bytes // (n_targets * int(lengths_all.max()) * model.d_model * 4)))
-    for start in tqdm(range(0, len(task), batch_size), desc=f"EAP{'-IG' if steps > 1 else ''} edges", leave=False):
+    grads = None
+    desc = {"inputs": "EAP-IG" if steps > 1 else "EAP", "activations": "EAP-IG-activations"}[interpolate]
+    bar = tqdm(total=-(-len(task) // batch_size) * len(passes), desc=f"{desc} edges (gradient passes)", leave=False)
+    for start in range(0, len(task), batch_size):
         rows = slice(start, start + batch_size)
         lengths = lengths_all[rows]
         width = int(lengths.max())
         clean, corrupt = clean_all[rows, :width], corrupt_all[rows, :width]
         answers, wrongs = answers_all[rows], wrongs_all[rows]
+
+        def value_of(resid, copies=1):
+            logits = _final(tl, resid, lengths.repeat(copies)).float()
+            return metric_values(metric, logits, answers.repeat(copies), wrongs.repeat(copies), clean_logprobs.repeat(copies, 1)).sum()
+
         with torch.no_grad():
-            clean_resid, cache = tl.run_with_cache(clean, stop_at_layer=n, names_filter=lambda x: x in names)
-            clean_logits = _final(tl, clean_resid, lengths).float()
-            clean_logprobs = clean_logits.log_softmax(-1)
-            values["clean"] += float(metric_values(metric, clean_logits, answers, wrongs, clean_logprobs).sum())
-            diff = source_outputs(model, graph, cache).float()
-            clean_in = cache["blocks.0.hook_resid_pre"]
-            del cache
-        grads = torch.zeros(n_targets, clean.numel() * model.d_model, device=device)
-        corrupted: dict[str, Tensor] = {}
-        for step in range(steps):  # step 0 (alpha = 0) is the corrupted run itself: its sources are read there
-            alpha = step / steps
+            clean_resid, clean_cache = tl.run_with_cache(clean, stop_at_layer=n, names_filter=lambda x: x in names)
+            clean_logprobs = _final(tl, clean_resid, lengths).float().log_softmax(-1)
+            values["clean"] += float(value_of(clean_resid))
+            corrupted: dict[str, Tensor] = {}
+            if groups:  # the corrupted outputs first: every pass interpolates toward them
+                corrupt_resid, corrupted = tl.run_with_cache(corrupt, stop_at_layer=n, names_filter=lambda x: x in names)
+                values["corrupted"] += float(value_of(corrupt_resid))
+        if grads is None or grads.shape[1] < clean.numel() * model.d_model:  # one buffer for every chunk: fresh pages cost a zero fill each
+            grads = torch.empty(n_targets, batch_size * int(lengths_all.max()) * model.d_model, device=device)
+        grads_here = grads[:, :clean.numel() * model.d_model].zero_()
+        per_pass = forward_bytes_per_token(model.cfg, width) * n * clean.numel()
+        copies = max(1, min(len(passes), memory_budget(device, GRAD_BYTES, share=0.25) // per_pass)) if groups else 1
+        for first in range(0, len(passes), copies):
+            batch = passes[first:first + copies]
+            hooks = _interpolation_hooks(batch, len(clean), clean_cache, corrupted)
+            if not groups and first == 0:  # the first input pass (alpha = 0) is the corrupted run: its sources are read there
+                def read(act, hook, into=corrupted):
+                    into[hook.name] = act.detach()
 
-            def start_here(act, hook, alpha=alpha):
-                x = act if step == 0 else corrupted["blocks.0.hook_resid_pre"] + alpha * (clean_in - corrupted["blocks.0.hook_resid_pre"])
-                return x.detach().requires_grad_(True)
-
-            def read(act, hook):
-                corrupted[hook.name] = act.detach()
-
-            reads = [(h, read) for h in names] if step == 0 else []
-            with input_hooks(tl) as kept, tl.hooks(fwd_hooks=reads + [("blocks.0.hook_resid_pre", start_here)]):
-                resid = tl(corrupt, stop_at_layer=n)
-                logits = _final(tl, resid, lengths).float()
-                value = metric_values(metric, logits, answers, wrongs, clean_logprobs).sum()
+                hooks += [(h, read) for h in names]
+            # the interpolation hooks first: `input_hooks` keeps the residuals the run actually reads
+            with own_hooks(tl, hooks), input_hooks(tl) as kept:
+                resid = tl(corrupt.repeat(len(batch), 1), stop_at_layer=n)
+                value = value_of(resid, len(batch))
                 value.backward()
-            if step == 0:
+            if not groups and first == 0:
                 values["corrupted"] += float(value.detach())
-                with torch.no_grad():
-                    diff = (diff - source_outputs(model, graph, corrupted)).permute(2, 0, 1, 3).reshape(n_sources, -1)
             for h, grad in input_gradients(model, kept).items():
-                first, last = rows_of[h]  # a hook's targets are consecutive, in the order of its entries
-                grads[first:last] += grad.float().reshape(last - first, -1)
-        for first, last, prefix in blocks:  # only the sources that come before each block of targets
-            scores[:prefix, first:last] += (diff[:prefix] @ grads[first:last].T).double().cpu() / steps
+                lo, hi = rows_of[h]  # a hook's targets are consecutive, in the order of its entries
+                grads_here[lo:hi] += grad.float().reshape(hi - lo, len(batch), -1).sum(1)
+            bar.update(len(batch))
+        with torch.no_grad():
+            diff = source_differences(model, graph, clean_cache, corrupted)
+        del clean_cache, corrupted
+        for lo, hi, prefix in blocks:  # only the sources that come before each block of targets
+            scores[:prefix, lo:hi] += (diff[:prefix] @ grads_here[lo:hi].T).double().cpu() / len(passes)
+    bar.close()
     baselines = Baselines(values["clean"] / len(task), values["corrupted"] / len(task))
     # normalising the corrupted value gives 0 and refuses a task whose corruption changes nothing
     gap = baselines.clean - baselines.corrupted if baselines.normalise(torch.tensor(baselines.corrupted)) == 0 else 0
     return torch.where(graph.valid, scores / len(task) / gap, torch.zeros_like(scores)).float(), baselines
+
+
+def _interpolation_hooks(batch: list[tuple[str | None, float]], size: int, clean: dict[str, Tensor],
+                         corrupted: dict[str, Tensor]) -> list:
+    """Forward hooks for one gradient pass over len(batch) copies of a chunk of `size` prompts: copy
+    r of the prompts has its group batch[r][0] (None: the input embeddings, of every copy) set to
+    corrupted + alpha (clean - corrupted). The embeddings become the leaf the backward reaches."""
+    embed = "blocks.0.hook_resid_pre"
+
+    def start(act, hook):
+        out = act.detach().clone()
+        for r, (group, alpha) in enumerate(batch):
+            if group in (None, embed) and alpha > 0:
+                out[r * size:(r + 1) * size] = corrupted[embed] + alpha * (clean[embed] - corrupted[embed])
+        return out.requires_grad_(True)
+
+    def fixed(act, hook):
+        out = act.clone()
+        for r, (group, alpha) in enumerate(batch):
+            if group == hook.name:
+                value = corrupted[hook.name] + alpha * (clean[hook.name] - corrupted[hook.name])
+                out[r * size:(r + 1) * size] = value.detach()
+        return out
+
+    hooks = [(embed, start)]
+    hooks += [(g, fixed) for g in dict.fromkeys(g for g, _ in batch if g not in (None, embed))]
+    return hooks
 
 
 def edge_frame(graph: Graph, scores: Tensor, metric: str) -> pd.DataFrame:
@@ -222,9 +321,9 @@ def _outputs(name: str):
     return outputs
 
 
-def _result(model, task, params, steps: int, name: str) -> Result:
+def _result(model, task, params, steps: int, name: str, interpolate: str = "inputs") -> Result:
     graph = build_graph(model)
-    scores, baselines = eap_scores(model, task, graph, params.metric, steps, params.batch_size)
+    scores, baselines = eap_scores(model, task, graph, params.metric, steps, params.batch_size, interpolate)
     frame = pd.concat([edge_frame(graph, scores, name), node_frame(graph, scores, name)], ignore_index=True)
     meta = {"baselines": {"clean": baselines.clean, "corrupted": baselines.corrupted}, "edges": graph.n_edges(),
             "sources": len(graph.sources), "targets": len(graph.targets)}
@@ -241,3 +340,10 @@ def eap(model, task, params: EAPParams, ctx) -> Result:
           "EAP with integrated gradients on the input embeddings (corrupted -> clean, `steps` points)", _outputs("eap_ig"))
 def eap_ig(model, task, params: EAPIGParams, ctx) -> Result:
     return _result(model, task, params, params.steps, "eap_ig")
+
+
+@register("discovery.eap_ig_activations", EAPIGParams,
+          "EAP-IG on the activations: each node group's output (embeddings, a layer's attention, an MLP) moved "
+          "corrupted -> clean in turn, `steps` points each; groups x steps backward passes", _outputs("eap_ig_activations"))
+def eap_ig_activations(model, task, params: EAPIGParams, ctx) -> Result:
+    return _result(model, task, params, params.steps, "eap_ig_activations", "activations")

@@ -1,10 +1,6 @@
 """Circuits as sets of edges, and how faithful they are, as the MIB circuit-localization track scores them.
 
-Evaluating a circuit runs the clean prompts with every edge outside it ablated: a target's input
-keeps the current output of each source it reaches through a kept edge and takes the ablated
-output (the corrupted run's by default, as MIB; or the mean over the corrupted prompts; or zero)
-of every other source. Keeping every edge is the clean run; keeping none is the all-ablated run
-(with corrupted ablation, exactly the corrupted run). Faithfulness = (m(circuit) - m(none)) /
+A circuit runs with every edge outside it ablated (`circuits.circuit_run`). Faithfulness = (m(circuit) - m(none)) /
 (m(full) - m(none)). A curve takes the top edges by |score| at fractions of all edges, after MIB's
 pruning of edges that cannot reach the logits or be reached from the embeddings; CPR is the area
 under it (trapezoids over the fraction), CMD the area between it and 1. Several circuits run in
@@ -20,11 +16,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from circuits.eap import EAPIGParams, _final
-from circuits.graph import Graph, build_graph, check_model, source_hooks, source_outputs, split_inputs
-from circuits.own_hooks import own_hooks
-from circuits.patching import metric_values
-from workbench.device_memory import memory_budget
+from circuits.circuit_run import circuit_metrics
+from circuits.eap import EAPIGParams
+from circuits.graph import Graph, build_graph
 from workbench.errors import WorkbenchError
 from workbench.methods import Metric, Outputs, get_method, register
 from workbench.nodes import parse_node
@@ -33,8 +27,6 @@ from workbench.result import Result
 from workbench.spec import Need
 
 FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
-ABLATIONS = ("corrupted", "mean", "zero")
-CHUNK_BYTES = 512 * 2**20  # per-source differences of one chunk of prompts x circuits (CPU; GPU: a quarter of free memory)
 
 
 def _feeds(graph: Graph, group: int) -> Tensor:
@@ -78,143 +70,6 @@ def top_edges(graph: Graph, scores: Tensor, n: int, group: int) -> Tensor:
     return prune(graph, keep.view_as(scores) & valid, group)
 
 
-class CircuitEvaluator:
-    """Runs circuits of one graph on one task: the ablated source outputs (and, for KL, the clean
-    run's output) are computed once per chunk of prompts and kept while they are small, so that
-    ACDC's thousands of one-circuit evaluations do not repeat them."""
-
-    def __init__(self, model, task, graph: Graph, metric: str = "logit_diff", ablation: str = "corrupted"):
-        check_model(model)
-        if ablation not in ABLATIONS:
-            raise WorkbenchError(f"unknown ablation '{ablation}'; choose one of {', '.join(ABLATIONS)}")
-        self.model, self.task, self.graph, self.metric, self.ablation = model, task, graph, metric, ablation
-        device = model.device
-        self.clean, self.lengths = task.tokens("clean", device=device)
-        self.corrupt, _ = task.tokens("corrupted", device=device)
-        self.answers, self.wrongs = task.answer_ids(device), task.wrong_ids(device)
-        self.names = set(source_hooks(model))
-        self.layer_sources = {layer: [i for i, s in enumerate(graph.source_layers) if s == layer]
-                              for layer in set(graph.source_layers)}
-        self.by_hook: dict[str, list[tuple[int, int | None]]] = {}
-        for i, t in enumerate(graph.targets):
-            self.by_hook.setdefault(t.hook, []).append((i, t.index))
-        valid = graph.valid
-        # sources are ordered by layer: a hook's targets read only a prefix of them
-        self.prefix = {h: int(valid[:, [i for i, _ in e]].any(1).nonzero().max()) + 1 for h, e in self.by_hook.items()}
-        self.mean_out = _mean_outputs(model, graph, task, self.names) if ablation == "mean" else None
-        self.per_prompt = int(self.lengths.max()) * len(graph.sources) * model.d_model * 4
-        self.chunk_bytes = memory_budget(model.device, CHUNK_BYTES, share=0.25)
-        self.keep_cache = self.per_prompt * len(task) <= self.chunk_bytes
-        self._cache: dict[int, tuple[Tensor, Tensor | None]] = {}
-
-    @torch.no_grad()
-    def _prepared(self, start: int, stop: int) -> tuple[Tensor, Tensor | None]:
-        """(ablated source outputs, source-major [source, batch x pos x d_model], and the clean
-        log-probs for KL) of prompts start:stop."""
-        if start in self._cache:
-            return self._cache[start]
-        tl, n, model = self.model.tl, self.model.n_layers, self.model
-        lengths = self.lengths[start:stop]
-        width = int(lengths.max())
-        shape = (stop - start, width, len(self.graph.sources), model.d_model)
-        if self.ablation == "corrupted":
-            _, cache = tl.run_with_cache(self.corrupt[start:stop, :width], stop_at_layer=n, names_filter=lambda x: x in self.names)
-            ablated = source_outputs(model, self.graph, cache)
-        elif self.mean_out is None:
-            ablated = torch.zeros(shape, device=model.device, dtype=next(tl.parameters()).dtype)
-        else:
-            ablated = self.mean_out.expand(shape)
-        clean_logprobs = (_final(tl, tl(self.clean[start:stop, :width], stop_at_layer=n), lengths).float().log_softmax(-1)
-                          if self.metric == "kl" else None)  # KL compares with the clean run's output
-        source_major = ablated.permute(2, 0, 1, 3).reshape(shape[2], -1)
-        if self.keep_cache:
-            self._cache[start] = (source_major, clean_logprobs)
-        return source_major, clean_logprobs
-
-    @torch.no_grad()
-    def metrics(self, keeps: Tensor) -> Tensor:
-        """Mean metric over the task's prompts for each circuit of `keeps` [circuit, source, target].
-
-        The per-source differences (ablated - current) are held source-major, [circuit, source,
-        batch x pos x d_model], so a target's correction is one batched matrix product over the
-        sources that come before it (sources are ordered by layer)."""
-        model, graph, tl, n = self.model, self.graph, self.model.tl, self.model.n_layers
-        d_model, n_circuits, n_sources = model.d_model, keeps.shape[0], len(graph.sources)
-        ablate = (graph.valid[None] & ~keeps).to(model.device)  # [circuit, source, target]
-        batch = max(1, self.chunk_bytes // (n_circuits * self.per_prompt))
-        totals = torch.zeros(n_circuits, dtype=torch.float64)
-        for start in range(0, len(self.task), batch):
-            stop = min(start + batch, len(self.task))
-            source_major, clean_logprobs = self._prepared(start, stop)
-            lengths = self.lengths[start:stop]
-            b, width = stop - start, int(lengths.max())
-            delta = torch.empty(n_circuits, n_sources, b * width * d_model, device=model.device, dtype=source_major.dtype)
-
-            def put(idx, current):  # current: [circuit, n, batch, pos, d_model]
-                delta[:, idx] = source_major[idx][None] - current.reshape(n_circuits, len(idx), -1)
-
-            def source(act, hook):
-                if hook.name == "blocks.0.hook_resid_pre":
-                    put([0], act.view(n_circuits, 1, b, width, d_model))
-                    return
-                layer = int(hook.name.split(".")[1])
-                idx = self.layer_sources[layer]
-                if hook.name.endswith("hook_z"):
-                    out = torch.einsum("bphd,hdm->bhpm", act, tl.blocks[layer].attn.W_O)
-                    heads = idx[: out.shape[1]]
-                    put(heads, out.view(n_circuits, b, len(heads), width, d_model).transpose(1, 2))
-                else:
-                    put(idx[-1:], act.view(n_circuits, 1, b, width, d_model))
-
-            def target(act, hook):
-                entries, prefix = self.by_hook[hook.name], self.prefix[hook.name]
-                coef = ablate[:, :prefix, [i for i, _ in entries]]  # [circuit, source, entry]
-                active = coef.any(2).any(0).nonzero().flatten()  # only sources with an ablated edge here
-                if len(active) == 0:
-                    return act
-                coef = coef[:, active].to(delta.dtype)
-                part = delta[:, :prefix] if len(active) == prefix else delta[:, active]
-                add = torch.bmm(coef.transpose(1, 2), part)  # [circuit, entry, batch x pos x d_model]
-                add = add.view(n_circuits, len(entries), b, width, d_model).permute(0, 2, 3, 1, 4)
-                if entries[0][1] is None:
-                    return act + add[:, :, :, 0].reshape(act.shape)
-                view = act.view(n_circuits, b, width, act.shape[2], d_model).clone()
-                view[:, :, :, [j for _, j in entries]] += add
-                return view.view(act.shape)
-
-            hooks = [(h, source) for h in sorted(self.names)] + [(h, target) for h in self.by_hook]
-            with split_inputs(tl), own_hooks(tl, hooks):
-                resid = tl(self.clean[start:stop, :width].repeat(n_circuits, 1), stop_at_layer=n)
-            logits = _final(tl, resid, lengths.repeat(n_circuits)).float()
-            values = metric_values(self.metric, logits, self.answers[start:stop].repeat(n_circuits),
-                                   self.wrongs[start:stop].repeat(n_circuits),
-                                   None if clean_logprobs is None else clean_logprobs.repeat(n_circuits, 1))
-            totals += values.view(n_circuits, b).sum(1).double().cpu()
-        return (totals / len(self.task)).float()
-
-
-def circuit_metrics(model, task, graph: Graph, keeps: Tensor, metric: str = "logit_diff",
-                    ablation: str = "corrupted") -> Tensor:
-    """Mean metric over the task's prompts for each circuit of `keeps` [circuit, source, target]."""
-    return CircuitEvaluator(model, task, graph, metric, ablation).metrics(keeps)
-
-
-def _mean_outputs(model, graph: Graph, task, names: set[str]) -> Tensor:
-    """[1, 1, source, d_model]: each source's output averaged over every real position of the corrupted prompts."""
-    tl = model.tl
-    tokens, lengths = task.tokens("corrupted", device=model.device)
-    total, count = 0, 0
-    for start in range(0, len(task), 16):
-        rows = slice(start, start + 16)
-        width = int(lengths[rows].max())
-        _, cache = tl.run_with_cache(tokens[rows, :width], stop_at_layer=model.n_layers, names_filter=lambda x: x in names)
-        out = source_outputs(model, graph, cache)
-        valid = (torch.arange(width, device=out.device)[None, :] < lengths[rows, None]).to(out.dtype)
-        total = total + (out * valid[:, :, None, None]).sum((0, 1))
-        count += int(lengths[rows].sum())
-    return (total / count)[None, None]
-
-
 def areas(fractions: list[float], faithfulness: list[float]) -> tuple[float, float]:
     """(CPR, CMD): trapezoid areas under the curve and between it and 1, over the fraction of edges."""
     cpr = cmd = 0.0
@@ -256,7 +111,7 @@ class FaithfulnessParams:
     def __post_init__(self):
         require(edge_metric(self.discovery) is not None,
                 f"discovery names a '{self.discovery.method}' run, which scores no edges; name a discovery run "
-                "(discovery.eap, discovery.eap_ig)")
+                "(discovery.eap, discovery.eap_ig, discovery.eap_ig_activations)")
         require(bool(self.fractions) and all(0 < f <= 1 for f in self.fractions)
                 and list(self.fractions) == sorted(set(self.fractions)),
                 f"fractions = {list(self.fractions)} must be distinct, ascending shares of the edges in (0, 1]")

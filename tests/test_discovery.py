@@ -7,8 +7,9 @@ import torch
 
 from circuits.attribution_patching import attribution_patch
 from circuits.eap import eap_scores
-from circuits.faithfulness import circuit_metrics, prune, top_edges
-from circuits.graph import build_graph, source_hooks, source_outputs
+from circuits.circuit_run import circuit_metrics
+from circuits.faithfulness import prune, top_edges
+from circuits.graph import build_graph, source_hooks, source_outputs, split_inputs
 from conftest import make_toy_tl
 from toy_circuits import make_induction_toy
 from workbench.errors import WorkbenchError
@@ -32,11 +33,11 @@ def ranked(graph, scores):
     return [(src[i], dst[i], dst_input[i]) for i in order.tolist()], values
 
 
-@pytest.mark.parametrize("steps", [1, 5])
-def test_eap_and_eap_ig_rank_the_planted_edges_first_and_ignore_the_decoy(planted, steps):
+@pytest.mark.parametrize("steps, interpolate", [(1, "inputs"), (5, "inputs"), (3, "activations")])
+def test_eap_and_eap_ig_rank_the_planted_edges_first_and_ignore_the_decoy(planted, steps, interpolate):
     model, task = planted
     graph = build_graph(model)
-    scores, _ = eap_scores(model, task, graph, steps=steps, batch_size=3)
+    scores, _ = eap_scores(model, task, graph, steps=steps, batch_size=3, interpolate=interpolate)
     order, values = ranked(graph, scores)
     assert set(order[: len(PLANTED)]) == PLANTED  # precision and recall 1 at the planted circuit's size
     decoy = [i for i, s in enumerate(graph.edge_names()[0]) if s == "L1H1"]
@@ -90,6 +91,137 @@ def test_eap_node_sums_equal_attribution_patching_and_the_empty_and_full_circuit
         assert full == pytest.approx(clean, abs=1e-4)
         if ablation == "corrupted":
             assert none == pytest.approx(corrupted, abs=1e-4)
+
+
+def _direct_circuit_metric(model, task, graph, keep, ablated):
+    """The definition, one circuit at a time: a target's input is the attention output biases of the
+    layers before it plus, per source, its current output where the edge is kept and its ablated
+    output [batch, pos, source, d_model] where it is not."""
+    tl, n = model.tl, model.n_layers
+    clean, lengths = task.tokens("clean")
+    current = {}
+
+    def source(act, hook):
+        if hook.name.endswith("hook_z"):
+            layer = int(hook.name.split(".")[1])
+            for h in range(model.n_heads):
+                current[graph.sources.index(f"L{layer}H{h}")] = act[:, :, h] @ tl.blocks[layer].attn.W_O[h]
+        elif hook.name.endswith("mlp_out"):
+            current[graph.sources.index(f"MLP{hook.name.split('.')[1]}")] = act
+        else:
+            current[0] = act
+
+    def target(act, hook):
+        out = act.clone()
+        for t, tgt in enumerate(graph.targets):
+            if tgt.hook != hook.name:
+                continue
+            before = [layer for layer in range(n) if layer < tgt.layer or (layer == tgt.layer and tgt.input == "mlp")]
+            x = sum((tl.blocks[layer].attn.b_O for layer in before), torch.zeros(model.d_model))
+            for s in range(len(graph.sources)):
+                if graph.valid[s, t]:
+                    x = x + (current[s] if keep[s, t] else ablated[:, :, s])
+            if tgt.index is None:
+                out = x
+            else:
+                out[:, :, tgt.index] = x
+        return out
+
+    hooks = [(h, source) for h in source_hooks(model)] + [(t.hook, target) for t in graph.targets]
+    with split_inputs(tl):
+        logits = tl.run_with_hooks(clean, fwd_hooks=list(dict(hooks).items()))
+    rows = torch.arange(len(task))
+    last = logits[rows, lengths - 1]
+    return (last[rows, task.answer_ids()] - last[rows, task.wrong_ids()]).mean().item()
+
+
+@pytest.mark.parametrize("ablation", ["corrupted", "mean", "zero"])
+def test_circuits_equal_the_direct_sum_of_kept_and_ablated_outputs(ablation):
+    """Random circuits from nearly empty to nearly full, so that every way of building a target's
+    input (through the ablated edges or the whole residual less the kept edges, gathered or dense)
+    is taken, against the definition computed directly; attention output biases are non-zero."""
+    model = from_hooked_transformer(make_toy_tl(seed=5, n_layers=3, attn_only=False, n_key_value_heads=2,
+                                                positional_embedding_type="rotary", rotary_dim=8,
+                                                normalization_type="RMS"), "direct-sum")
+    with torch.no_grad():
+        for block in model.tl.blocks:
+            block.attn.b_O.normal_()
+    task = build_task(model, "induction", {"n_prompts": 5, "seq_len": 5})
+    graph = build_graph(model)
+    names = set(source_hooks(model))
+    corrupt, lengths = task.tokens("corrupted")
+    _, cache = model.tl.run_with_cache(corrupt, names_filter=lambda n: n in names)
+    outputs = source_outputs(model, graph, cache)
+    real = (torch.arange(corrupt.shape[1])[None, :] < lengths[:, None]).float()[:, :, None, None]
+    ablated = {"corrupted": outputs, "zero": torch.zeros_like(outputs),
+               "mean": ((outputs * real).sum((0, 1)) / real.sum()).expand_as(outputs)}[ablation]
+    generator = torch.Generator().manual_seed(0)
+    keeps = torch.stack([graph.valid & (torch.rand(graph.valid.shape, generator=generator) < p)
+                         for p in (0.03, 0.3, 0.7, 0.97)])
+    ours = circuit_metrics(model, task, graph, keeps, ablation=ablation).tolist()
+    with torch.no_grad():
+        direct = [_direct_circuit_metric(model, task, graph, keep, ablated) for keep in keeps]
+    assert ours == pytest.approx(direct, abs=1e-4)
+
+
+@pytest.mark.parametrize("interpolate, steps, norm", [("inputs", 3, "RMSPre"), ("activations", 2, "RMSPre"),
+                                                     ("inputs", 2, "LNPre"), ("inputs", 1, "LN")])
+def test_eap_ig_equals_the_definition_with_gradients_read_by_autograd(interpolate, steps, norm):
+    """EAP-IG (inputs) and EAP-IG-activations against their definition computed the slow way: every
+    target's input is a TransformerLens split q/k/v (or MLP) input whose gradient autograd reads,
+    one interpolated run per group and alpha (corrupted + alpha (clean - corrupted), alpha = k /
+    steps), and edge score = source difference . mean gradient, over the gap. Under every norm the
+    graph's gradients pass through: weightless RMS and LayerNorm in closed form, LayerNorm with
+    weights through autograd."""
+    model = from_hooked_transformer(make_toy_tl(seed=6, n_layers=3, attn_only=False, n_key_value_heads=2,
+                                                positional_embedding_type="rotary", rotary_dim=8,
+                                                normalization_type=norm), "ig-definition")
+    task = build_task(model, "induction", {"n_prompts": 5, "seq_len": 5})
+    graph, tl = build_graph(model), model.tl
+    clean, lengths = task.tokens("clean")
+    corrupt, _ = task.tokens("corrupted")
+    rows = torch.arange(len(task))
+    embed = "blocks.0.hook_resid_pre"
+    groups = [embed] + ([g for layer in range(model.n_layers) for g in (f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.hook_mlp_out")]
+                        if interpolate == "activations" else [])
+    names = set(source_hooks(model)) | set(groups)
+    with torch.no_grad():
+        clean_logits, clean_cache = tl.run_with_cache(clean, names_filter=lambda n: n in names)
+        corrupt_logits, corrupt_cache = tl.run_with_cache(corrupt, names_filter=lambda n: n in names)
+    diff = source_outputs(model, graph, clean_cache) - source_outputs(model, graph, corrupt_cache)
+
+    def logit_diff(logits):
+        last = logits[rows, lengths - 1]
+        return last[rows, task.answer_ids()] - last[rows, task.wrong_ids()]
+
+    gap = (logit_diff(clean_logits) - logit_diff(corrupt_logits)).mean()
+    grads = {t: 0 for t in range(len(graph.targets))}
+    passes = [(g, k / steps) for g in groups for k in range(steps)]
+    for group, alpha in passes:
+        seen = {}
+
+        def fix(act, hook, group=group, alpha=alpha):
+            if hook.name == group:
+                act = corrupt_cache[group] + alpha * (clean_cache[group] - corrupt_cache[group])
+            return act.detach().requires_grad_(True) if hook.name == embed else act
+
+        def keep(act, hook):
+            act.retain_grad()
+            seen[hook.name] = act
+
+        hooks = [(g, fix) for g in groups] + [(h, keep) for h in {t.hook for t in graph.targets}]
+        with split_inputs(tl):
+            logit_diff(tl.run_with_hooks(corrupt, fwd_hooks=hooks)).sum().backward()
+        for t, target in enumerate(graph.targets):
+            g = seen[target.hook].grad  # None where a fixed group cuts every path to the metric
+            if g is not None:
+                grads[t] = grads[t] + (g if target.index is None else g[:, :, target.index])
+    expected = torch.zeros(len(graph.sources), len(graph.targets))
+    for s, t in torch.nonzero(graph.valid).tolist():
+        expected[s, t] = (diff[:, :, s] * grads[t]).sum() / len(passes) / len(task) / gap
+    scores, _ = eap_scores(model, task, graph, steps=steps, batch_size=3, interpolate=interpolate)
+    assert expected.abs().max() > 1e-2  # the scores are not all zero
+    assert torch.allclose(scores, expected, atol=1e-5)
 
 
 def test_eap_equals_exact_edge_patching_where_the_model_is_linear():
@@ -260,9 +392,18 @@ def test_node_circuits_from_head_patching_rank_edges_among_the_top_nodes(planted
 
 
 def test_discrete_sae_codes_score_heads_that_separate_positives_from_negatives(planted):
-    from circuits.discrete_sae import code_scores, train_codes
+    from circuits.discrete_sae import code_scores, pair_scores, train_codes
 
     assert code_scores(torch.tensor([[1, 2, 2, 3]]), torch.tensor([[2, 4, -1]])).tolist() == [2.0]  # codes 1 and 3
+    # each head alone: every positive code also occurs on a negative; together (0,0) and (1,1) never do;
+    # (0,0) twice counts once; a third head with no code (-1) on the last positive adds nothing there
+    positive = torch.tensor([[0, 1, 0, 1], [0, 1, 0, 1], [0, 0, 0, -1]])
+    negative = torch.tensor([[0, 1], [1, 0], [0, 1]])
+    assert code_scores(positive, negative).tolist() == [0.0, 0.0, 0.0]
+    pairs = pair_scores(positive, negative)
+    assert pairs[0, 1] == pairs[1, 0] == 2  # joint codes (0,0) and (1,1)
+    assert pairs[0, 2] == 1  # (1,0) is new; (0,0) occurs on a negative, (1,-1) is no code
+    assert pairs[0, 0] == 0  # a head with itself is the head alone
     gen = torch.Generator().manual_seed(0)
     same = torch.randn(12, 4, generator=gen)
     separated = torch.cat([torch.randn(12, 4, generator=gen) + 6, torch.randn(12, 4, generator=gen) - 6])
@@ -275,6 +416,8 @@ def test_discrete_sae_codes_score_heads_that_separate_positives_from_negatives(p
     per_head = result.metric("discrete_sae_score").set_index(["layer", "head"])["value"]
     assert per_head[(0, 1)] == 0  # a head with no output has one code everywhere
     assert result.value("positive_prompts") == len(task)  # the wired model answers every clean prompt
+    pair_rows = result.metric("discrete_sae_pair_score")
+    assert ((pair_rows["value"] > 0) & (pair_rows["src"] != pair_rows["dst"])).all()
     curve = run_method(model, task, "circuit.faithfulness",
                        {"discovery": {"method": "discovery.nodes", "params": {"scores": {
                            "method": "discovery.discrete_sae", "params": {"n_features": 32, "steps": 200}}}}}, _store())

@@ -23,7 +23,7 @@ def _mib_node(name: str) -> str:
 def mib_circuit(rows: list[dict[str, Any]], shape: dict[str, Any]) -> dict[str, Any]:
     """rows: edges (src, dst, dst_input, value); shape: the model's n_layers, n_heads, n_kv_heads, d_model."""
     if not rows:
-        raise WorkbenchError("the run has no edge scores; export a discovery run (discovery.eap, discovery.eap_ig) as mib-json")
+        raise WorkbenchError("the run has no edge scores; export a discovery run (discovery.eap, discovery.eap_ig, discovery.eap_ig_activations) as mib-json")
     group = shape["n_heads"] // (shape.get("n_kv_heads") or shape["n_heads"])
     edges: dict[str, dict[str, Any]] = {}
     nodes = {"input": {"in_graph": True}, "logits": {"in_graph": True}}
