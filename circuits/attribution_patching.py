@@ -3,8 +3,9 @@
 effect(node) ~ (a_clean - a_corrupted) . d metric / d a, the gradient taken on the corrupted
 run (the denoising direction), normalised by the clean - corrupted gap so it reads on the same
 scale as exact patching. Cost: one clean forward, one corrupted forward, one backward, for every
-node of every activation asked for. With frozen weights nothing requires grad, so the embedding
-output is made to (a `hook_embed` hook) and gradients flow back to every hooked activation.
+node of every activation asked for. Prompts go in chunks whose backward fits the memory budget;
+a prompt too long for one whole backward (8k tokens on the embedded model) is differentiated a
+layer at a time (`circuits.metric_gradients`), at the cost of one more forward.
 """
 
 from __future__ import annotations
@@ -16,12 +17,17 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from circuits.metric_gradients import gradients
+from circuits.own_hooks import own_hooks
 from circuits.patching import ACTIVATIONS, METRICS, hook_name, metric_values, unembed_final
+from workbench.device_memory import backward_bytes_per_token, memory_budget
 from workbench.errors import WorkbenchError
 from workbench.methods import Metric, Outputs, register
 from workbench.params import require
+from workbench.progress import tqdm
 from workbench.result import Result
 
+BACKWARD_BYTES = 4 * 2**30  # on the CPU; on a GPU half its free memory
 COMPONENT = {"resid_pre": "resid", "resid_mid": "resid", "resid_post": "resid", "attn_out": "attn", "mlp_out": "mlp"}
 
 
@@ -47,53 +53,65 @@ def attribution_patch(model, task, activations: tuple[str, ...] = ("z",), metric
         raise WorkbenchError(f"activations must be a non-empty list of {', '.join(supported)}; got {list(activations)}")
     if "mlp_out" in activations and model.cfg.attn_only:
         raise WorkbenchError(f"model '{model.name}' is attention-only: it has no MLP outputs")
-    tl = model.tl
-    device = model.device
-    clean, lengths = task.tokens("clean", device=device)
-    corrupt, _ = task.tokens("corrupted", device=device)
-    answers, wrongs = task.answer_ids(device), task.wrong_ids(device)
-    rows = torch.arange(len(task), device=device)
-    names = [hook_name(a, layer) for a in activations for layer in range(model.n_layers)]
-    n_layers = model.n_layers
+    tl, device, n_layers = model.tl, model.device, model.n_layers
+    clean_all, lengths_all = task.tokens("clean", device=device)
+    corrupt_all, _ = task.tokens("corrupted", device=device)
+    answers_all, wrongs_all = task.answer_ids(device), task.wrong_ids(device)
+    names = [hook_name(a, layer) for a in activations for layer in range(n_layers)]
+    batch_size, layerwise = backward_plan(model, clean_all.shape[1])
+    sums: dict[str, list[Tensor]] = {a: [0] * n_layers for a in activations}
+    totals = {"clean": 0.0, "corrupted": 0.0}
+    chunks = range(0, len(task), batch_size)
+    steps = n_layers if layerwise else 1
+    bar = tqdm(total=len(chunks) * steps, desc="attribution patching" + (" (layers backward)" if layerwise else " (chunks)"),
+               leave=False, disable=len(chunks) * steps == 1)
+    for start in chunks:
+        rows = slice(start, start + batch_size)
+        lengths, answers, wrongs = lengths_all[rows], answers_all[rows], wrongs_all[rows]
 
-    def final_logits(resid):  # unembed only where the metric reads: each prompt's last token
-        return unembed_final(tl, resid[rows, lengths - 1][:, None, :])[:, 0]
+        def final_logits(resid):  # unembed only where the metric reads: each prompt's last token
+            return unembed_final(tl, resid[torch.arange(len(lengths), device=device), lengths - 1][:, None, :])[:, 0]
 
-    with torch.no_grad():
-        clean_resid, clean_cache = tl.run_with_cache(clean, names_filter=lambda n: n in names, stop_at_layer=n_layers)
-    clean_final = final_logits(clean_resid)
-    clean_logprobs = clean_final.float().log_softmax(-1)
-    clean_value = metric_values(metric, clean_final, answers, wrongs, clean_logprobs).mean()
+        clean_cache: dict[str, Tensor] = {}
 
-    acts: dict[str, Tensor] = {}
-    grads: dict[str, Tensor] = {}
+        def keep(act, hook):
+            clean_cache[hook.name] = act
 
-    def save_act(act, hook):
-        acts[hook.name] = act.detach()
-
-    def save_grad(grad, hook):
-        grads[hook.name] = grad.detach()
-
-    def need_grad(act, hook):
-        return act.requires_grad_(True)
-
-    fwd = [("hook_embed", need_grad)] + [(n, save_act) for n in names]
-    with torch.enable_grad(), tl.hooks(fwd_hooks=fwd, bwd_hooks=[(n, save_grad) for n in names]):
-        value = metric_values(metric, final_logits(tl(corrupt, stop_at_layer=n_layers)), answers, wrongs, clean_logprobs).mean()
-        value.backward()
-    corrupt_value = value.item()
-    gap = clean_value.item() - corrupt_value
+        with torch.no_grad(), own_hooks(tl, [(n, keep) for n in names]):
+            clean_final = final_logits(tl(clean_all[rows], stop_at_layer=n_layers))
+        clean_logprobs = clean_final.float().log_softmax(-1)
+        totals["clean"] += float(metric_values(metric, clean_final, answers, wrongs, clean_logprobs).sum())
+        value, acts, grads = gradients(
+            tl, corrupt_all[rows], names,
+            lambda resid: metric_values(metric, final_logits(resid), answers, wrongs, clean_logprobs).sum(), layerwise,
+            bar.update)
+        totals["corrupted"] += value
+        for a in activations:
+            kind = ACTIVATIONS[a][1]
+            for layer in range(n_layers):
+                n = hook_name(a, layer)
+                sums[a][layer] += _reduce((clean_cache[n].float() - acts[n].float()) * grads[n].float(), kind, by_position)
+        del clean_cache, acts, grads
+        if not layerwise:
+            bar.update()
+    bar.close()
+    clean_value, corrupt_value = totals["clean"] / len(task), totals["corrupted"] / len(task)
+    gap = clean_value - corrupt_value
     if abs(gap) < 1e-9:
         raise WorkbenchError("the metric is the same on clean and corrupted prompts; nothing to attribute")
-    out = {}
-    for a in activations:
-        kind = ACTIVATIONS[a][1]
-        per_layer = []
-        for layer in range(model.n_layers):
-            n = hook_name(a, layer)
-            per_layer.append(_reduce((clean_cache[n].float() - acts[n].float()) * grads[n].float(), kind, by_position) / gap)
-        out[a] = torch.stack(per_layer).cpu()
-    return out, clean_value.item(), corrupt_value
+    out = {a: (torch.stack(sums[a]) / len(task) / gap).cpu() for a in activations}
+    return out, clean_value, corrupt_value
+
+
+def backward_plan(model, n_tokens: int) -> tuple[int, bool]:
+    """(prompts per chunk, a layer at a time?): whole backwards over as many prompts as the memory
+    budget holds; when not even one prompt's fits, one layer's graph at a time (`metric_gradients`)."""
+    per_prompt_layer = backward_bytes_per_token(model.cfg, n_tokens) * n_tokens
+    budget = memory_budget(model.device, BACKWARD_BYTES)
+    whole = budget // (per_prompt_layer * model.n_layers)
+    if whole >= 1:
+        return int(whole), False
+    return max(1, int(budget // per_prompt_layer)), True
 
 
 ATP_ACTIVATIONS = tuple(a for a in ACTIVATIONS if not a.endswith("_per_query"))
