@@ -6,37 +6,45 @@ or zero) of every other source. Keeping every edge is the clean run; keeping non
 all-ablated run (with corrupted ablation, exactly the corrupted run). Several circuits run as one
 batch, each a block of rows.
 
-The input of a target is its current input plus a correction, built one of two equal ways, the
-cheaper for each circuit and block of targets: the differences (ablated - current) of the sources
-whose edges are ablated, or the difference of the whole residual stream (ablated sources plus
-biases - current residual) less the differences of the kept edges' sources. A small circuit and a
-nearly full one both touch few sources; only the per-source differences some correction reads are
-computed.
+A target's input is built one of two equal ways, the cheaper for each circuit and block of
+targets: the current residual plus the differences (ablated - current) of the sources whose edges
+are ablated, or the ablated residual (the corrupted run's own residual stream; for mean and zero
+ablation the sum of the ablated outputs and biases) less the differences of the kept edges'
+sources. A small circuit and a nearly full one both touch few sources; only the per-source
+differences some correction reads are computed, a head's as its z difference through W_O.
+
+The forward is an ordinary one (no per-head copies of the residual stream): a head's query, key
+or value is recomputed from its own input, through the layer's first norm and that head's slice
+of W_Q, W_K or W_V, only for the circuits whose input for it differs from the current residual.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from circuits.eap import _final
-from circuits.graph import Graph, check_model, source_hooks, source_outputs, split_inputs
+from circuits.graph import Graph, check_model, source_hooks, source_outputs
 from circuits.own_hooks import own_hooks
 from circuits.patching import metric_values
 from workbench.device_memory import memory_budget
 from workbench.errors import WorkbenchError
 
 ABLATIONS = ("corrupted", "mean", "zero")
-CHUNK_BYTES = 512 * 2**20  # per-source differences of one chunk of prompts x circuits (CPU; GPU: a quarter of free memory)
+CHUNK_BYTES = 256 * 2**20  # per-source differences of one chunk of prompts x circuits (CPU; GPU: a quarter of free memory)
 
 
 @dataclass(frozen=True)
 class Block:
-    """Targets whose inputs are corrected at one point of the forward: a layer's q, k and v inputs
-    (all read the same residual), an MLP's input, or the logits."""
-    hooks: tuple[str, ...]
+    """Targets whose inputs are built at one point of the forward: a layer's queries, keys and
+    values (all read the same residual; built at its `hook_q`, written at `hook_q`, `hook_k`,
+    `hook_v`), an MLP's input (`hook_mlp_in`), or the logits (the last `hook_resid_post`)."""
+    kind: Literal["attn", "mlp", "logits"]
+    layer: int
+    hooks: tuple[str, ...]  # where the block's entries are written, in entry order
     sizes: tuple[int, ...]  # entries per hook
     columns: tuple[int, ...]  # the targets, hook by hook, entry by entry
     prefix: int  # the targets read only sources [:prefix] (sources are ordered by layer)
@@ -46,40 +54,61 @@ class Block:
 @dataclass(frozen=True)
 class Plan:
     circuit: int
-    sources: Tensor  # the sources whose differences the correction reads
-    coef: Tensor  # [entry, sources] (+1 ablated edge, -1 kept edge)
-    dense: bool  # `sources` is the whole prefix (one product without gathering)
-    via_residual: bool  # add the whole residual's difference
+    coef: Tensor  # [distinct entry, row]: +1 ablated edge, -1 kept edge
+    rows: Tensor | int  # the stored differences it reads: the first `rows` of them, or these (gathered)
+    via_residual: bool  # start from the ablated residual (else from the current one)
+    entries: Tensor | None  # [entry]: its row of `coef`, where entries share one (None: one row each, or one for all)
 
 
 def _blocks(model, graph: Graph) -> list[Block]:
-    tl, hooks = model.tl, {}
+    tl, by_block = model.tl, {}
     for i, t in enumerate(graph.targets):
-        key = (t.layer, "mlp" if t.input == "mlp" else "logits" if t.input == "logits" else "attn")
-        hooks.setdefault(key, {}).setdefault(t.hook, []).append(i)
+        kind = "attn" if t.input in "qkv" else t.input
+        by_block.setdefault((kind, t.layer), {}).setdefault(t.input, []).append(i)
     b_o = torch.stack([tl.blocks[layer].attn.b_O.detach() for layer in range(model.n_layers)])
     first_head = {layer: graph.source_layers.index(layer) for layer in range(model.n_layers)}
     blocks = []
-    for per_hook in hooks.values():
-        columns = [i for cols in per_hook.values() for i in cols]
+    for (kind, layer), per_input in by_block.items():
+        hooks = {"attn": [f"blocks.{layer}.attn.hook_{x}" for x in per_input], "mlp": [f"blocks.{layer}.hook_mlp_in"],
+                 "logits": [f"blocks.{model.n_layers - 1}.hook_resid_post"]}[kind]
+        columns = [i for cols in per_input.values() for i in cols]
         prefix = int(graph.valid[:, columns].any(1).nonzero().max()) + 1
-        inside = torch.tensor([first_head[layer] < prefix for layer in range(model.n_layers)])
-        blocks.append(Block(tuple(per_hook), tuple(len(c) for c in per_hook.values()), tuple(columns), prefix,
-                            b_o[inside].sum(0)))
+        inside = torch.tensor([first_head[lyr] < prefix for lyr in range(model.n_layers)])
+        blocks.append(Block(kind, layer, tuple(hooks), tuple(len(c) for c in per_input.values()), tuple(columns),
+                            prefix, b_o[inside].sum(0)))
     return blocks
 
 
+def _constant_ablation(model, task, names: set[str], ablation: str) -> dict[str, Tensor]:
+    """For mean and zero ablation, each source hook's ablated value, the same at every position:
+    the mean over every real position of the corrupted prompts, or zero."""
+    tl = model.tl
+    tokens, lengths = task.tokens("corrupted", device=model.device)
+    totals: dict[str, Tensor] = {}
+    for start in range(0, len(task), 16):
+        rows = slice(start, start + 16)
+        width = int(lengths[rows].max())
+        _, cache = tl.run_with_cache(tokens[rows, :width], stop_at_layer=model.n_layers, names_filter=lambda x: x in names)
+        real = (torch.arange(width, device=model.device)[None, :] < lengths[rows, None]).to(torch.float32)
+        for name in names:
+            act = cache[name].float()
+            totals[name] = totals.get(name, 0) + (act * real.view(*real.shape, *([1] * (act.dim() - 2)))).sum((0, 1))
+    count = int(lengths.sum())
+    dtype = next(tl.parameters()).dtype
+    return {name: (total / count if ablation == "mean" else torch.zeros_like(total)).to(dtype) for name, total in totals.items()}
+
+
 class CircuitEvaluator:
-    """Runs circuits of one graph on one task: the ablated source outputs (and, for KL, the clean
-    run's output) are computed once per chunk of prompts and kept while they are small, so that
-    ACDC's thousands of one-circuit evaluations do not repeat them."""
+    """Runs circuits of one graph on one task: the ablated values (and, for KL, the clean run's
+    output) are computed once and kept while they are small, so that ACDC's thousands of
+    one-circuit evaluations do not repeat them."""
 
     def __init__(self, model, task, graph: Graph, metric: str = "logit_diff", ablation: str = "corrupted"):
         check_model(model)
         if ablation not in ABLATIONS:
             raise WorkbenchError(f"unknown ablation '{ablation}'; choose one of {', '.join(ABLATIONS)}")
         self.model, self.task, self.graph, self.metric, self.ablation = model, task, graph, metric, ablation
-        device = model.device
+        device, tl = model.device, model.tl
         self.clean, self.lengths = task.tokens("clean", device=device)
         self.corrupt, _ = task.tokens("corrupted", device=device)
         self.answers, self.wrongs = task.answer_ids(device), task.wrong_ids(device)
@@ -87,170 +116,242 @@ class CircuitEvaluator:
         layers = graph.source_layers  # a layer's sources are consecutive (its heads, then its MLP)
         self.layer_sources = {layer: range(layers.index(layer), len(layers) - layers[::-1].index(layer)) for layer in set(layers)}
         self.blocks = _blocks(model, graph)
-        self.block_of = {hook: (b, sum(block.sizes[:j])) for b, block in enumerate(self.blocks)
-                         for j, hook in enumerate(block.hooks)}
-        self.mean_out = _mean_outputs(model, graph, task, self.names) if ablation == "mean" else None
-        self.per_prompt = int(self.lengths.max()) * len(graph.sources) * model.d_model * 4
+        self.block_of = {hook: (i, sum(block.sizes[:j])) for i, block in enumerate(self.blocks) for j, hook in enumerate(block.hooks)}
+        self.logits_block = next(i for i, b in enumerate(self.blocks) if b.kind == "logits")
+        self.constant = _constant_ablation(model, task, self.names, ablation) if ablation != "corrupted" else None
+        # a layer's query, key and value weights and biases, entry by entry as its block orders them
+        self.qkv = {}
+        for layer in range(model.n_layers):
+            attn = tl.blocks[layer].attn
+            w = [attn.W_Q, getattr(attn, "_W_K", attn.W_K), getattr(attn, "_W_V", attn.W_V)]
+            b = [attn.b_Q, getattr(attn, "_b_K", attn.b_K), getattr(attn, "_b_V", attn.b_V)]
+            w, b = torch.cat(w).detach(), torch.cat(b).detach()
+            self.qkv[layer] = (w, b[:, None, :], w.permute(1, 0, 2).reshape(w.shape[1], -1), b.reshape(-1))
+        self.per_source_prompt = int(self.lengths.max()) * model.d_model * torch.finfo(next(tl.parameters()).dtype).bits // 8
         self.chunk_bytes = memory_budget(model.device, CHUNK_BYTES, share=0.25)
-        self.keep_cache = self.per_prompt * len(task) <= self.chunk_bytes
-        self._cache: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor | None]] = {}
+        # the whole task's ablated values at once (held for later calls) when they fit a chunk's budget
+        self.whole_task = self.per_source_prompt * len(graph.sources) * len(task) <= self.chunk_bytes
+        self._whole: dict | None = None
 
     @torch.no_grad()
-    def _prepared(self, start: int, stop: int) -> tuple[Tensor, Tensor, Tensor | None]:
-        """For prompts start:stop: the ablated source outputs, source-major [source, batch x pos x
-        d_model]; each block's ablated residual (its prefix's ablated outputs plus biases),
-        [block, batch x pos x d_model]; the clean log-probs for KL."""
-        if (start, stop) in self._cache:
-            return self._cache[start, stop]
+    def _prepared(self, start: int, stop: int) -> dict:
+        """For prompts start:stop: each source hook's ablated value (`ablated`, by hook name), each
+        block's ablated residual (`residuals`, [block, batch, pos, d_model], or [block, 1, 1,
+        d_model] when the same everywhere) and the clean log-probs for KL."""
         tl, n, model = self.model.tl, self.model.n_layers, self.model
         lengths = self.lengths[start:stop]
         width = int(lengths.max())
-        shape = (stop - start, width, len(self.graph.sources), model.d_model)
-        if self.ablation == "corrupted":
-            _, cache = tl.run_with_cache(self.corrupt[start:stop, :width], stop_at_layer=n, names_filter=lambda x: x in self.names)
-            ablated = source_outputs(model, self.graph, cache)
-        elif self.mean_out is None:
-            ablated = torch.zeros(shape, device=model.device, dtype=next(tl.parameters()).dtype)
-        else:
-            ablated = self.mean_out.expand(shape)
+        if self.constant is None:  # corrupted: the corrupted run's outputs, and its residual stream at each block
+            at = {"attn": "blocks.{}.hook_resid_pre", "mlp": "blocks.{}.hook_resid_mid"}
+            wanted = self.names | {at[b.kind].format(b.layer) for b in self.blocks if b.kind in at}
+            final, cache = tl.run_with_cache(self.corrupt[start:stop, :width], stop_at_layer=n, names_filter=lambda x: x in wanted)
+            ablated = {name: cache[name] for name in self.names}
+            residuals = torch.stack([cache[at[b.kind].format(b.layer)] if b.kind in at else final for b in self.blocks])
+        else:  # a constant: per block, the ablated outputs of its prefix plus biases
+            ablated = self.constant
+            outputs = source_outputs(model, self.graph, {k: v[None, None] for k, v in ablated.items()})[0, 0].float()
+            sums = torch.stack([outputs[:b.prefix].sum(0) + b.bias.float().to(outputs.device) for b in self.blocks])
+            residuals = sums.to(ablated["blocks.0.hook_resid_pre"].dtype)[:, None, None, :]
         clean_logprobs = (_final(tl, tl(self.clean[start:stop, :width], stop_at_layer=n), lengths).float().log_softmax(-1)
                           if self.metric == "kl" else None)  # KL compares with the clean run's output
-        source_major = ablated.permute(2, 0, 1, 3).reshape(shape[2], -1)
-        residuals, total, done = [], torch.zeros(source_major.shape[1], device=model.device), 0
-        for block in self.blocks:  # prefixes grow block by block
-            total = total + source_major[done:block.prefix].float().sum(0)
-            done = block.prefix
-            bias = block.bias.float().to(model.device)[None, None].expand(shape[0], width, -1).reshape(-1)
-            residuals.append((total + bias).to(source_major.dtype))
-        out = (source_major, torch.stack(residuals), clean_logprobs)
-        if self.keep_cache:
-            self._cache[start, stop] = out
+        return dict(ablated=ablated, residuals=residuals, clean_logprobs=clean_logprobs)
+
+    def _chunk(self, start: int, stop: int) -> dict:
+        """The prepared values of prompts start:stop, per position up to their longest prompt;
+        residuals flattened to [block, batch x pos x d_model]."""
+        if self.whole_task and self._whole is None:
+            self._whole = self._prepared(0, len(self.task))
+        base, prepared = (0, self._whole) if self.whole_task else (start, self._prepared(start, stop))
+        rows, width = slice(start - base, stop - base), int(self.lengths[start:stop].max())
+        out = {k: v for k, v in prepared.items()}
+        if self.constant is None:
+            out["ablated"] = {k: v[rows, :width] for k, v in prepared["ablated"].items()}
+            out["residuals"] = prepared["residuals"][:, rows, :width].reshape(len(self.blocks), -1)
+        else:
+            shape = (len(self.blocks), stop - start, width, self.model.d_model)
+            out["residuals"] = prepared["residuals"].expand(shape).reshape(len(self.blocks), -1)
+        if prepared["clean_logprobs"] is not None:
+            out["clean_logprobs"] = prepared["clean_logprobs"][rows]
         return out
 
-    def _plans(self, keeps: Tensor) -> list[list[Plan]]:
-        """Per block, per circuit, the cheaper correction (see the module's docstring)."""
+    def _plans(self, keeps: Tensor) -> tuple[list[list[Plan]], Tensor]:
+        """Per block, per circuit, the cheaper way to its inputs (see the module's docstring); and
+        [circuit, source], the differences each circuit stores: only those some input reads, in
+        source order, so that an input reads a prefix of its circuit's stored rows."""
         device, dtype = self.model.device, next(self.model.tl.parameters()).dtype
-        plans = []
+        chosen_by_block, read = [], torch.zeros(keeps.shape[:2], dtype=torch.bool)
         for block in self.blocks:
             valid = self.graph.valid[: block.prefix, list(block.columns)]  # [source, entry]
-            plans.append([])
+            chosen_by_block.append([])
             for c, keep in enumerate(keeps[:, : block.prefix, list(block.columns)]):
                 kept = keep & valid
                 ablated = valid & ~kept
                 via_residual = int(kept.any(1).sum()) < int(ablated.any(1).sum())
                 chosen = kept if via_residual else ablated
+                if via_residual or chosen.any():  # else nothing is ablated here
+                    chosen_by_block[-1].append((c, chosen, via_residual))
+                    read[c, : block.prefix] |= chosen.any(1)
+        position = read.long().cumsum(1) - 1  # a source's row among its circuit's stored differences
+        plans = []
+        for block, chosen_here in zip(self.blocks, chosen_by_block):
+            plans.append([])
+            for c, chosen, via_residual in chosen_here:
                 sources = chosen.any(1).nonzero().flatten()
-                if len(sources) == 0 and not via_residual:
-                    continue  # nothing ablated here
-                dense = len(sources) > block.prefix // 3  # gathering costs two more passes over the rows it reads
-                coef = (chosen if dense else chosen[sources]).T.to(device=device, dtype=dtype) * (-1 if via_residual else 1)
-                plans[-1].append(Plan(c, torch.arange(block.prefix) if dense else sources, coef.contiguous(), dense, via_residual))
-        return plans
+                first = int(read[c, : block.prefix].sum())  # the stored rows before the block
+                dense = len(sources) > first // 3  # gathering costs two more passes over the rows it reads
+                coef = torch.zeros(chosen.shape[1], first, dtype=dtype) if dense else chosen[sources].T.to(dtype)
+                if dense:
+                    coef[:, position[c, sources]] = chosen[sources].T.to(dtype)
+                distinct, entries = coef.unique(dim=0, return_inverse=True) if coef.shape[1] else (coef[:1], None)
+                if len(distinct) == 1:  # one input for all
+                    coef, entries = distinct, None
+                elif len(distinct) < len(coef):  # entries pick their row of the distinct ones
+                    coef = distinct
+                else:
+                    entries = None
+                rows = first if dense else position[c, sources].to(device)
+                plans[-1].append(Plan(c, (coef * (-1 if via_residual else 1)).to(device), rows, via_residual,
+                                      None if entries is None else entries.to(device)))
+        return plans, read
 
     @torch.no_grad()
     def metrics(self, keeps: Tensor) -> Tensor:
         """Mean metric over the task's prompts for each circuit of `keeps` [circuit, source, target].
 
-        Per chunk of prompts, the differences (ablated - current) a correction reads are held
-        source-major, [circuit, source, batch x pos x d_model]; a block's correction is one matrix
-        product per circuit, computed at the block's first hook."""
+        A circuit with no edge is the ablated residual read out at the logits, with no forward.
+        The others run as one batch per chunk of prompts: the differences (ablated - current) an
+        input reads are held source-major, [stored source, batch x pos x d_model] per circuit; a
+        block's inputs are one matrix product per circuit, built at the block's first hook."""
         model, tl, n = self.model, self.model.tl, self.model.n_layers
-        d_model, n_circuits, n_sources = model.d_model, keeps.shape[0], len(self.graph.sources)
-        plans = self._plans(keeps)
-        read = torch.zeros(n_circuits, n_sources, dtype=torch.bool)  # differences some correction reads
-        for plan in (p for block_plans in plans for p in block_plans):
-            read[plan.circuit, plan.sources] = True
-        reads = {layer: [c for c in range(n_circuits) if read[c, idx.start:idx.stop].any()]
-                 for layer, idx in self.layer_sources.items()}
-        chunk: dict = {}  # this chunk's ablated outputs and residuals, the differences, the pending corrections
-
-        def put(layer: int, idx: range, current: Tensor):  # current: [circuit, n, batch, pos, d_model]
-            for c in reads[layer]:
-                out = chunk["delta"][c, idx.start:idx.stop]
-                torch.sub(chunk["ablated"][idx.start:idx.stop], current[c].reshape(out.shape), out=out)
-
-        def source(act, hook):
-            if not chunk:  # the corrupted run of `_prepared`
-                return None
-            rows = act.view(n_circuits, -1, *act.shape[1:])  # [circuit, batch, pos, ...]
-            if hook.name == "blocks.0.hook_resid_pre":
-                return put(-1, range(1), rows[:, None])
-            layer = int(hook.name.split(".")[1])
-            idx = self.layer_sources[layer]
-            if hook.name.endswith("hook_z"):
-                if reads[layer]:
-                    out = torch.einsum("cbphd,hdm->chbpm", rows, tl.blocks[layer].attn.W_O)
-                    put(layer, idx[: out.shape[1]], out)
-            else:
-                put(layer, idx[-1:], rows[:, None])
-
-        def target(act, hook):
-            b, offset = self.block_of[hook.name]
-            if not chunk or not plans[b]:
-                return act
-            split = act.dim() == 4  # [batch, pos, entry, d_model]
-            rows = act.view(n_circuits, -1, act.shape[1], act.shape[2] if split else 1, d_model)
-            if offset == 0:  # the block's first hook: every correction of the block, for its later hooks too
-                residual = rows[:, :, :, 0].reshape(n_circuits, -1)
-                chunk["pending"] = [(plan, self._correction(plan, chunk, b, residual[plan.circuit])) for plan in plans[b]]
-            rows = rows.clone()
-            size = rows.shape[3]
-            for plan, add in chunk["pending"]:
-                part = add[offset:offset + size] if add.shape[0] > 1 else add.expand(size, -1)
-                rows[plan.circuit] += part.view(size, rows.shape[1], rows.shape[2], d_model).permute(1, 2, 0, 3)
-            return rows.view(act.shape)
-
-        batch = max(1, self.chunk_bytes // (n_circuits * self.per_prompt))
-        totals = torch.zeros(n_circuits, dtype=torch.float64)
-        hooks = [(h, source) for h in sorted(self.names)] + [(h, target) for h in self.block_of]
-        with own_hooks(tl, hooks):  # added once: adding ~240 hooks costs about 60 ms on a CPU
-            for start in range(0, len(self.task), batch):
-                stop = min(start + batch, len(self.task))
-                ablated, residuals, clean_logprobs = self._prepared(start, stop)
-                lengths = self.lengths[start:stop]
-                chunk.update(ablated=ablated, residuals=residuals,
-                             delta=torch.empty(n_circuits, n_sources, ablated.shape[1], device=model.device, dtype=ablated.dtype))
-                with split_inputs(tl):
-                    resid = tl(self.clean[start:stop, :int(lengths.max())].repeat(n_circuits, 1), stop_at_layer=n)
-                chunk.clear()
-                logits = _final(tl, resid, lengths.repeat(n_circuits)).float()
-                values = metric_values(self.metric, logits, self.answers[start:stop].repeat(n_circuits),
-                                       self.wrongs[start:stop].repeat(n_circuits),
-                                       None if clean_logprobs is None else clean_logprobs.repeat(n_circuits, 1))
-                totals += values.view(n_circuits, -1).sum(1).double().cpu()
+        empty = ~(keeps & self.graph.valid).flatten(1).any(1)
+        run = (~empty).nonzero().flatten()
+        totals = torch.zeros(keeps.shape[0], dtype=torch.float64)
+        batch = max(1, self.chunk_bytes // (max(1, len(run)) * len(self.graph.sources) * self.per_source_prompt))
+        if len(run):
+            plans, read = self._plans(keeps[run])
+            stored = read.sum(1).tolist()  # each circuit's differences, one buffer after another
+            offsets = [0] + torch.tensor(stored).cumsum(0).tolist()
+            batch = max(1, self.chunk_bytes // (max(1, offsets[-1]) * self.per_source_prompt))
+            hooks, chunk = self._hooks(plans, read)
+        before = tl.cfg.use_hook_mlp_in
+        if not tl.cfg.attn_only:
+            tl.set_use_hook_mlp_in(True)  # an MLP's input as a hook point of its own
+        try:
+            with own_hooks(tl, hooks if len(run) else []):  # added once: adding ~240 hooks costs about 60 ms on a CPU
+                delta = None
+                for start in range(0, len(self.task), batch):
+                    stop = min(start + batch, len(self.task))
+                    prepared, lengths = self._chunk(start, stop), self.lengths[start:stop]
+                    resid = prepared["residuals"][self.logits_block].view(stop - start, -1, model.d_model)
+                    totals[empty] += self._values(resid, prepared, start, stop, 1).sum().double()
+                    if not len(run):
+                        continue
+                    size = prepared["residuals"].shape[1]
+                    if delta is None or delta.shape[1] < size:  # one buffer for every chunk: fresh pages cost a zero fill each
+                        delta = torch.empty(offsets[-1], size, device=model.device, dtype=prepared["residuals"].dtype)
+                    chunk.update(prepared, delta=[delta[a:b, :size] for a, b in zip(offsets, offsets[1:])])
+                    resid = tl(self.clean[start:stop, :int(lengths.max())].repeat(len(run), 1), stop_at_layer=n)
+                    chunk.clear()
+                    totals[run] += self._values(resid, prepared, start, stop, len(run)).view(len(run), -1).sum(1).double()
+        finally:
+            if not tl.cfg.attn_only:
+                tl.set_use_hook_mlp_in(before)
         return (totals / len(self.task)).float()
 
+    def _values(self, resid: Tensor, prepared: dict, start: int, stop: int, copies: int) -> Tensor:
+        """The metric of each row of `copies` stacked copies of prompts start:stop, from the final residual."""
+        logits = _final(self.model.tl, resid, self.lengths[start:stop].repeat(copies)).float()
+        clean_logprobs = prepared["clean_logprobs"]
+        return metric_values(self.metric, logits, self.answers[start:stop].repeat(copies), self.wrongs[start:stop].repeat(copies),
+                             None if clean_logprobs is None else clean_logprobs.repeat(copies, 1)).cpu()
+
+    def _hooks(self, plans: list[list[Plan]], read: Tensor) -> tuple[list, dict]:
+        """The forward hooks of one batched run of the circuits of `plans` (`read`: what each
+        stores), and the dict through which a chunk's values reach them."""
+        model, tl, n = self.model, self.model.tl, self.model.n_layers
+        n_circuits, position = len(read), read.long().cumsum(1) - 1
+        # per layer: (circuit, the layer's heads it stores, its first row, how many), and (circuit, row) for the
+        # layer's MLP (the embeddings at layer -1)
+        heads_of, outputs_of = {}, {}
+        for layer, idx in self.layer_sources.items():
+            n_heads = model.n_heads if layer >= 0 else 0
+            heads_of[layer], outputs_of[layer] = [], []
+            for c in range(n_circuits):
+                stored = read[c, idx.start:idx.start + n_heads].nonzero().flatten()
+                if len(stored):
+                    heads = slice(None) if len(stored) == n_heads else stored.to(model.device)
+                    heads_of[layer].append((c, heads, int(position[c, idx.start + int(stored[0])]), len(stored)))
+                if len(idx) > n_heads and read[c, idx.stop - 1]:  # the MLP, or the embeddings
+                    outputs_of[layer].append((c, int(position[c, idx.stop - 1])))
+        chunk: dict = {}  # a chunk's prepared values and differences, the current residual, the pending inputs
+
+        def differences(act, hook):
+            if not chunk:  # the corrupted run of `_prepared`
+                return None
+            rows = act.reshape(n_circuits, -1, *act.shape[2:])  # [circuit, batch x pos, ...]
+            ablated = chunk["ablated"][hook.name]
+            layer = -1 if hook.name == "blocks.0.hook_resid_pre" else int(hook.name.split(".")[1])
+            if hook.name.endswith("hook_z"):  # z difference [batch x pos, head, d_head] -> [head, batch x pos, d_model]
+                w_o = tl.blocks[layer].attn.W_O
+                for c, heads, row, count in heads_of[layer]:
+                    dz = ((ablated.reshape(rows.shape[1:]) if ablated.dim() > 2 else ablated) - rows[c])[:, heads]
+                    torch.bmm(dz.transpose(0, 1), w_o[heads], out=chunk["delta"][c][row:row + count].view(count, dz.shape[0], -1))
+            else:
+                for c, row in outputs_of[layer]:
+                    whole = ablated.reshape(-1) if ablated.dim() > 1 else ablated.expand(rows.shape[1:]).reshape(-1)
+                    torch.sub(whole, rows[c].reshape(-1), out=chunk["delta"][c][row])
+
+        def residual(act, hook):  # the current residual a layer's queries, keys and values read
+            if chunk:
+                chunk["resid"] = act
+
+        def inputs(act, hook):
+            b, entry = self.block_of[hook.name]
+            if not chunk or not plans[b]:
+                return act
+            block = self.blocks[b]
+            rows = act.view(n_circuits, -1, *act.shape[2:])  # [circuit, batch x pos, (entry,) d]
+            if entry == 0:  # the block's first hook: every input of the block, for its later hooks too
+                current = (chunk["resid"] if block.kind == "attn" else act).view(n_circuits, -1)
+                chunk["pending"] = [(plan, self._inputs(plan, chunk, b, current[plan.circuit])) for plan in plans[b]]
+                if block.kind == "attn":
+                    chunk["pending"] = [(plan, self._project(block.layer, u, plan.entries, rows.shape[1]))
+                                        for plan, u in chunk["pending"]]
+            if block.kind != "attn":
+                for plan, u in chunk["pending"]:
+                    rows[plan.circuit] = u.view(rows.shape[1:])
+                return act
+            for plan, q in chunk["pending"]:  # [batch x pos, entry, d_head]
+                rows[plan.circuit] = q[:, entry:entry + rows.shape[2]]
+            return act
+
+        hooks = ([(h, differences) for h in sorted(self.names)] + [(f"blocks.{layer}.hook_resid_pre", residual) for layer in range(n)]
+                 + [(h, inputs) for h in self.block_of])
+        return hooks, chunk
+
     @staticmethod
-    def _correction(plan: Plan, chunk: dict, block: int, residual: Tensor) -> Tensor:
-        """[entry or 1, batch x pos x d_model]: what one circuit adds to one block's inputs, given
-        its current residual there."""
-        delta, add = chunk["delta"][plan.circuit], None
-        if len(plan.sources):
-            rows = delta[:plan.coef.shape[1]] if plan.dense else delta.index_select(0, plan.sources.to(delta.device))
-            add = plan.coef @ rows
-        if plan.via_residual:
-            whole = chunk["residuals"][block] - residual  # ablated residual - current residual
-            add = whole[None] if add is None else add + whole
-        return add
+    def _inputs(plan: Plan, chunk: dict, block: int, current: Tensor) -> Tensor:
+        """[distinct entry, batch x pos x d_model]: one circuit's inputs to one block's targets,
+        from its current residual there."""
+        base = (chunk["residuals"][block] if plan.via_residual else current)[None]
+        if not plan.coef.shape[1]:
+            return base
+        delta = chunk["delta"][plan.circuit]
+        rows = delta[:plan.rows] if isinstance(plan.rows, int) else delta.index_select(0, plan.rows)
+        return torch.addmm(base, plan.coef, rows)
+
+    def _project(self, layer: int, u: Tensor, entries: Tensor | None, tokens: int) -> Tensor:
+        """[batch x pos, entry, d_head]: each query/key/value head's projection of its own input,
+        through the layer's first norm; u holds one input each, one for all, or the distinct ones
+        that `entries` picks from."""
+        w, b, w_all, b_all = self.qkv[layer]
+        normed = self.model.tl.blocks[layer].ln1(u.view(u.shape[0], tokens, -1))
+        if len(normed) == 1:  # one input: one product with every head's weights side by side
+            return torch.addmm(b_all, normed[0], w_all).view(tokens, w.shape[0], -1)
+        return torch.baddbmm(b, normed if entries is None else normed.index_select(0, entries), w).transpose(0, 1)
 
 
 def circuit_metrics(model, task, graph: Graph, keeps: Tensor, metric: str = "logit_diff",
                     ablation: str = "corrupted") -> Tensor:
     """Mean metric over the task's prompts for each circuit of `keeps` [circuit, source, target]."""
     return CircuitEvaluator(model, task, graph, metric, ablation).metrics(keeps)
-
-
-def _mean_outputs(model, graph: Graph, task, names: set[str]) -> Tensor:
-    """[1, 1, source, d_model]: each source's output averaged over every real position of the corrupted prompts."""
-    tl = model.tl
-    tokens, lengths = task.tokens("corrupted", device=model.device)
-    total, count = 0, 0
-    for start in range(0, len(task), 16):
-        rows = slice(start, start + 16)
-        width = int(lengths[rows].max())
-        _, cache = tl.run_with_cache(tokens[rows, :width], stop_at_layer=model.n_layers, names_filter=lambda x: x in names)
-        out = source_outputs(model, graph, cache)
-        valid = (torch.arange(width, device=out.device)[None, :] < lengths[rows, None]).to(out.dtype)
-        total = total + (out * valid[:, :, None, None]).sum((0, 1))
-        count += int(lengths[rows].sum())
-    return (total / count)[None, None]

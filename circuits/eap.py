@@ -28,7 +28,8 @@ from workbench.progress import tqdm
 from circuits.graph import Graph, build_graph, check_model, source_hooks
 from circuits.patching import Baselines, metric_values, unembed_final
 from circuits.own_hooks import own_hooks
-from workbench.device_memory import forward_bytes_per_token, memory_budget
+from circuits.attribution_patching import BACKWARD_BYTES
+from workbench.device_memory import backward_bytes_per_token, memory_budget
 from workbench.errors import WorkbenchError
 from workbench.methods import EDGE_INDEX, Metric, Outputs, register
 from workbench.nodes import parse_node
@@ -46,8 +47,8 @@ def _final(tl, resid: Tensor, lengths: Tensor) -> Tensor:
 
 @contextmanager
 def input_hooks(tl) -> Iterator[dict[str, Tensor]]:
-    """Keep, on a forward with gradients, what `input_gradients` needs: each layer's residual input
-    and the gradients at q, k, v and the MLP input, and the final residual's gradient."""
+    """Keep, on a forward with gradients, what `add_input_gradients` needs: each layer's residual
+    input, q, k and v with their gradients, the MLP input's and the final residual's gradients."""
     kept: dict[str, Tensor] = {}
 
     def value(act, hook):
@@ -75,44 +76,72 @@ def input_hooks(tl) -> Iterator[dict[str, Tensor]]:
 
 
 def norm_vjp(norm, x: Tensor, cotangents: Tensor) -> Tensor:
-    """[entry, batch, pos, d_model]: x's gradient through a layer's first norm for each cotangent.
-    TransformerLens's weightless pre-norms (RMSNormPre, LayerNormPre) in closed form, float32:
-    g_x = r (g - mean(g) - y mean(g y)) (RMS: without mean(g)), three passes over the entries
-    instead of a vectorised autograd call's eight; any other norm through `torch.func`."""
-    kind = type(norm).__name__
-    if kind not in ("RMSNormPre", "LayerNormPre"):
-        _, vjp = torch.func.vjp(norm, x)
-        return torch.func.vmap(vjp)(cotangents)[0].detach()
-    x, g = x.float(), cotangents.float()
-    if kind == "LayerNormPre":
-        x = x - x.mean(-1, keepdim=True)
-        g = g - g.mean(-1, keepdim=True)
-    r = (x.pow(2).mean(-1, keepdim=True) + norm.eps).rsqrt()
-    y = x * r
-    s = torch.einsum("ebpd,bpd->ebp", g, y)[..., None] / x.shape[-1]
-    return torch.addcmul(g, y, s, value=-1).mul_(r)
+    """[entry, batch, pos, d_model]: x's gradient through a norm with weights for each cotangent,
+    through `torch.func` (the weightless pre-norms take the closed form of `add_input_gradients`)."""
+    _, vjp = torch.func.vjp(norm, x)
+    return torch.func.vmap(vjp)(cotangents)[0].detach()
 
 
-def input_gradients(model, kept: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The metric's gradient at every graph target's input, target-major: for each hook of
-    `circuits.graph`, [entry (head, key/value head, or 1), batch, pos, d_model]. From one
-    ordinary backward: a head's query input gets its query gradient through its W_Q slice and back
-    through the layer's first norm (one vector-Jacobian product per head, vectorised), likewise a
-    key/value head's key and value inputs. The same values TransformerLens's split q/k/v inputs
-    give, without the per-head copies of the residual stream in the forward and backward."""
-    tl, out = model.tl, {}
-    n = model.n_layers
-    out[f"blocks.{n - 1}.hook_resid_post"] = kept[f"blocks.{n - 1}.hook_resid_post"].grad.detach()[None]
+CLOSED_FORM_NORMS = ("RMSNormPre", "LayerNormPre", "Identity")
+
+
+@torch.no_grad()
+def add_input_gradients(model, kept: dict[str, Tensor], out: Tensor, rows_of: dict[str, tuple[int, int]],
+                        copies: int, overwrite: bool) -> None:
+    """Add (or, with `overwrite`, write) the metric's gradient at every graph target's input into
+    `out` [target, batch x pos x d_model], summed over `copies` stacked copies of the chunk.
+
+    From one ordinary backward: a head's query input gets its query gradient g through its W_Q
+    slice and back through the layer's first norm, likewise a key/value head's key and value
+    inputs; the same values TransformerLens's split q/k/v inputs give, without their per-head
+    copies of the residual stream. Under a weightless norm y = (x - mean) r the input gradient is
+    r (W g - mean(W g) - y (y . W g) / d) (RMS: no mean), and y . W g = (q - b_Q) . g and
+    mean(W g) are head-space products, so each target costs one product written into `out` and
+    one pass that adds its y term: no per-head d_model tensor is built, copied or reduced."""
+    tl, n = model.tl, model.n_layers
+
+    def put(rows: tuple[int, int], value: Tensor) -> None:
+        view = out[rows[0]:rows[1]]
+        view.copy_(value) if overwrite else view.add_(value)
+
+    last = f"blocks.{n - 1}.hook_resid_post"
+    put(rows_of[last], kept[last].grad.float().view(copies, 1, -1).sum(0))
     for layer in range(n):
-        attn = tl.blocks[layer].attn
-        w = {"q": attn.W_Q, "k": getattr(attn, "_W_K", attn.W_K), "v": getattr(attn, "_W_V", attn.W_V)}
-        parts = [torch.einsum("bphe,hde->hbpd", kept[f"blocks.{layer}.attn.hook_{x}"].grad, w[x]) for x in "qkv"]
-        grads = norm_vjp(tl.blocks[layer].ln1, kept[f"blocks.{layer}.hook_resid_pre"], torch.cat(parts))
-        for x, g in zip("qkv", grads.split([p.shape[0] for p in parts])):
-            out[f"blocks.{layer}.hook_{x}_input"] = g
+        norm, attn = tl.blocks[layer].ln1, tl.blocks[layer].attn
+        kind = type(norm).__name__
+        x = kept[f"blocks.{layer}.hook_resid_pre"].float()
+        if kind == "LayerNormPre":
+            x = x - x.mean(-1, keepdim=True)
+        r = (x.pow(2).mean(-1, keepdim=True) + norm.eps).rsqrt() if kind != "Identity" else torch.ones_like(x[..., :1])
+        y = x * r  # [copies x batch, pos, d_model]
+        d = x.shape[-1]
+        for name in "qkv":
+            w = {"q": attn.W_Q, "k": getattr(attn, "_W_K", attn.W_K), "v": getattr(attn, "_W_V", attn.W_V)}[name].float()
+            bias = {"q": attn.b_Q, "k": getattr(attn, "_b_K", attn.b_K), "v": getattr(attn, "_b_V", attn.b_V)}[name].float()
+            act = kept[f"blocks.{layer}.attn.hook_{name}"]  # [copies x batch, pos, head, d_head]
+            g = act.grad.float()
+            lo, hi = rows_of[f"blocks.{layer}.hook_{name}_input"]
+            heads, tokens = hi - lo, g.shape[0] // copies * g.shape[1]
+            if kind not in CLOSED_FORM_NORMS:
+                grads = norm_vjp(norm, kept[f"blocks.{layer}.hook_resid_pre"], torch.einsum("bphe,hde->hbpd", g, w))
+                put((lo, hi), grads.float().reshape(heads, copies, -1).sum(1))
+                continue
+            view = out[lo:hi].view(heads, tokens, d)
+            rg = (g * r[..., None]).view(copies, tokens, heads, -1).sum(0).transpose(0, 1)
+            torch.baddbmm(view, rg, w.transpose(1, 2), beta=0 if overwrite else 1, out=view)
+            if kind == "Identity":
+                continue
+            # minus r (y . W g) / d for each copy: y's coefficient, [copies, head, batch x pos, 1]
+            coef = ((act.detach().float() - bias) * g).sum(-1).mul_(r).div_(-d)
+            coef = coef.view(copies, tokens, heads).transpose(1, 2)[..., None]
+            for c, y_c in enumerate(y.view(copies, 1, tokens, d)):
+                view.addcmul_(y_c, coef[c])
+            if kind == "LayerNormPre":  # minus r mean(W g), a constant along d_model
+                mean = (g * w.mean(1)).sum(-1).mul_(r).view(copies, tokens, heads).sum(0)
+                view.sub_(mean.T[..., None])
         if not model.cfg.attn_only:
-            out[f"blocks.{layer}.hook_mlp_in"] = kept[f"blocks.{layer}.hook_mlp_in"].grad[None]
-    return out
+            mlp = f"blocks.{layer}.hook_mlp_in"
+            put(rows_of[mlp], kept[mlp].grad.float().view(copies, 1, -1).sum(0))
 
 
 def target_blocks(graph: Graph, n_blocks: int = 6) -> list[tuple[int, int, int]]:
@@ -198,39 +227,39 @@ def eap_scores(model, task, graph: Graph, metric: str = "logit_diff", steps: int
 
         def value_of(resid, copies=1):
             logits = _final(tl, resid, lengths.repeat(copies)).float()
-            return metric_values(metric, logits, answers.repeat(copies), wrongs.repeat(copies), clean_logprobs.repeat(copies, 1)).sum()
+            return metric_values(metric, logits, answers.repeat(copies), wrongs.repeat(copies), clean_logprobs.repeat(copies, 1))
 
         with torch.no_grad():
             clean_resid, clean_cache = tl.run_with_cache(clean, stop_at_layer=n, names_filter=lambda x: x in names)
             clean_logprobs = _final(tl, clean_resid, lengths).float().log_softmax(-1)
-            values["clean"] += float(value_of(clean_resid))
+            values["clean"] += float(value_of(clean_resid).sum())
             corrupted: dict[str, Tensor] = {}
             if groups:  # the corrupted outputs first: every pass interpolates toward them
                 corrupt_resid, corrupted = tl.run_with_cache(corrupt, stop_at_layer=n, names_filter=lambda x: x in names)
-                values["corrupted"] += float(value_of(corrupt_resid))
+                values["corrupted"] += float(value_of(corrupt_resid).sum())
         if grads is None or grads.shape[1] < clean.numel() * model.d_model:  # one buffer for every chunk: fresh pages cost a zero fill each
             grads = torch.empty(n_targets, batch_size * int(lengths_all.max()) * model.d_model, device=device)
-        grads_here = grads[:, :clean.numel() * model.d_model].zero_()
-        per_pass = forward_bytes_per_token(model.cfg, width) * n * clean.numel()
-        copies = max(1, min(len(passes), memory_budget(device, GRAD_BYTES, share=0.25) // per_pass)) if groups else 1
+        grads_here = grads[:, :clean.numel() * model.d_model]
+        # several passes run as stacked copies of the chunk in one forward and backward when memory allows
+        per_pass = backward_bytes_per_token(model.cfg, width) * n * clean.numel()
+        copies = max(1, min(len(passes), memory_budget(device, BACKWARD_BYTES, share=0.25) // per_pass))
         for first in range(0, len(passes), copies):
             batch = passes[first:first + copies]
             hooks = _interpolation_hooks(batch, len(clean), clean_cache, corrupted)
             if not groups and first == 0:  # the first input pass (alpha = 0) is the corrupted run: its sources are read there
-                def read(act, hook, into=corrupted):
-                    into[hook.name] = act.detach()
+                def read(act, hook, into=corrupted, size=len(clean)):
+                    into[hook.name] = act[:size].detach()
 
                 hooks += [(h, read) for h in names]
             # the interpolation hooks first: `input_hooks` keeps the residuals the run actually reads
             with own_hooks(tl, hooks), input_hooks(tl) as kept:
                 resid = tl(corrupt.repeat(len(batch), 1), stop_at_layer=n)
                 value = value_of(resid, len(batch))
-                value.backward()
+                value.sum().backward()
             if not groups and first == 0:
-                values["corrupted"] += float(value.detach())
-            for h, grad in input_gradients(model, kept).items():
-                lo, hi = rows_of[h]  # a hook's targets are consecutive, in the order of its entries
-                grads_here[lo:hi] += grad.float().reshape(hi - lo, len(batch), -1).sum(1)
+                values["corrupted"] += float(value[:len(clean)].detach().sum())
+            add_input_gradients(model, kept, grads_here, rows_of, len(batch), overwrite=first == 0)
+            del kept
             bar.update(len(batch))
         with torch.no_grad():
             diff = source_differences(model, graph, clean_cache, corrupted)
@@ -254,8 +283,8 @@ def _interpolation_hooks(batch: list[tuple[str | None, float]], size: int, clean
     def start(act, hook):
         out = act.detach().clone()
         for r, (group, alpha) in enumerate(batch):
-            if group in (None, embed) and alpha > 0:
-                out[r * size:(r + 1) * size] = corrupted[embed] + alpha * (clean[embed] - corrupted[embed])
+            if group in (None, embed) and alpha > 0:  # every copy's input is the corrupted prompts
+                out[r * size:(r + 1) * size].lerp_(clean[embed], alpha)
         return out.requires_grad_(True)
 
     def fixed(act, hook):

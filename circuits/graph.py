@@ -11,10 +11,8 @@ pre-norm inputs TransformerLens exposes with split q/k/v inputs and `hook_mlp_in
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -79,21 +77,6 @@ def build_graph(model) -> Graph:
     return Graph(tuple(sources), tuple(layers), tuple(targets))
 
 
-@contextmanager
-def split_inputs(tl) -> Iterator[None]:
-    """TransformerLens with a hook point per q/k/v input and on each MLP's input, for the graph's targets."""
-    before = (tl.cfg.use_split_qkv_input, tl.cfg.use_hook_mlp_in)
-    tl.set_use_split_qkv_input(True)
-    if not tl.cfg.attn_only:
-        tl.set_use_hook_mlp_in(True)
-    try:
-        yield
-    finally:
-        tl.set_use_split_qkv_input(before[0])
-        if not tl.cfg.attn_only:
-            tl.set_use_hook_mlp_in(before[1])
-
-
 def source_hooks(model) -> list[str]:
     names = ["blocks.0.hook_resid_pre"] + [f"blocks.{layer}.attn.hook_z" for layer in range(model.n_layers)]
     if not model.cfg.attn_only:
@@ -117,6 +100,18 @@ def source_outputs(model, graph: Graph, cache: dict[str, Tensor]) -> Tensor:
 
 
 def check_model(model) -> None:
-    if getattr(model.cfg, "parallel_attn_mlp", False):
+    """Refuse architectures whose attention inputs are not the first norm of the residual stream,
+    which the graph's q/k/v targets and their gradients assume."""
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+    cfg = model.cfg
+    if getattr(cfg, "parallel_attn_mlp", False):
         raise WorkbenchError(f"model '{model.name}' runs attention and MLP in parallel; edge graphs are built for "
                              "sequential blocks only")
+    if cfg.original_architecture in POST_NORM_ARCHITECTURES or cfg.positional_embedding_type == "shortformer":
+        raise WorkbenchError(f"model '{model.name}' ({cfg.original_architecture}, {cfg.positional_embedding_type} positions) "
+                             "does not read its attention inputs through a norm of the residual stream alone; edge graphs "
+                             "are built for pre-norm blocks")
+    if getattr(cfg, "ungroup_grouped_query_attention", False):
+        raise WorkbenchError(f"model '{model.name}' is loaded with ungroup_grouped_query_attention; edge graphs keep "
+                             "key/value heads grouped: load it without that option")

@@ -2,6 +2,8 @@
 must hold: EAP node sums equal attribution patching, EAP equals exact edge patching where the model
 is linear, keeping every edge gives the clean run and keeping none the ablated one."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -9,13 +11,28 @@ from circuits.attribution_patching import attribution_patch
 from circuits.eap import eap_scores
 from circuits.circuit_run import circuit_metrics
 from circuits.faithfulness import prune, top_edges
-from circuits.graph import build_graph, source_hooks, source_outputs, split_inputs
+from circuits.graph import build_graph, source_hooks, source_outputs
 from conftest import make_toy_tl
 from toy_circuits import make_induction_toy
 from workbench.errors import WorkbenchError
 from workbench.models import from_hooked_transformer
 from workbench.runner import run_method
 from workbench.tasks import build_task
+
+@contextmanager
+def split_inputs(tl):
+    """TransformerLens with a hook point per q/k/v input and on each MLP's input: the graph's
+    targets as the definition reads them."""
+    tl.set_use_split_qkv_input(True)
+    if not tl.cfg.attn_only:
+        tl.set_use_hook_mlp_in(True)
+    try:
+        yield
+    finally:
+        tl.set_use_split_qkv_input(False)
+        if not tl.cfg.attn_only:
+            tl.set_use_hook_mlp_in(False)
+
 
 PLANTED = {("embed", "L0H0", "v"), ("L0H0", "L1H0", "k"), ("embed", "L1H0", "v"), ("L1H0", "logits", "logits")}
 
@@ -135,17 +152,21 @@ def _direct_circuit_metric(model, task, graph, keep, ablated):
     return (last[rows, task.answer_ids()] - last[rows, task.wrong_ids()]).mean().item()
 
 
+@pytest.mark.parametrize("norm", ["RMS", "LN"])
 @pytest.mark.parametrize("ablation", ["corrupted", "mean", "zero"])
-def test_circuits_equal_the_direct_sum_of_kept_and_ablated_outputs(ablation):
+def test_circuits_equal_the_direct_sum_of_kept_and_ablated_outputs(ablation, norm):
     """Random circuits from nearly empty to nearly full, so that every way of building a target's
     input (through the ablated edges or the whole residual less the kept edges, gathered or dense)
-    is taken, against the definition computed directly; attention output biases are non-zero."""
+    is taken, against the definition computed directly; attention output biases, query/key/value
+    biases and the first norm's weights (and LayerNorm's bias) are random."""
     model = from_hooked_transformer(make_toy_tl(seed=5, n_layers=3, attn_only=False, n_key_value_heads=2,
                                                 positional_embedding_type="rotary", rotary_dim=8,
-                                                normalization_type="RMS"), "direct-sum")
+                                                normalization_type=norm), "direct-sum")
     with torch.no_grad():
         for block in model.tl.blocks:
-            block.attn.b_O.normal_()
+            for name, param in list(block.attn.named_parameters()) + list(block.ln1.named_parameters()):
+                if name.split(".")[-1].lstrip("_") in ("b_O", "b_Q", "b_K", "b_V", "w", "b"):
+                    param.normal_()
     task = build_task(model, "induction", {"n_prompts": 5, "seq_len": 5})
     graph = build_graph(model)
     names = set(source_hooks(model))
@@ -164,15 +185,19 @@ def test_circuits_equal_the_direct_sum_of_kept_and_ablated_outputs(ablation):
     assert ours == pytest.approx(direct, abs=1e-4)
 
 
-@pytest.mark.parametrize("interpolate, steps, norm", [("inputs", 3, "RMSPre"), ("activations", 2, "RMSPre"),
-                                                     ("inputs", 2, "LNPre"), ("inputs", 1, "LN")])
-def test_eap_ig_equals_the_definition_with_gradients_read_by_autograd(interpolate, steps, norm):
+@pytest.mark.parametrize("interpolate, steps, norm, stacked", [
+    ("inputs", 3, "RMSPre", True), ("inputs", 3, "RMSPre", False), ("activations", 2, "RMSPre", True),
+    ("activations", 2, "RMSPre", False), ("inputs", 2, "LNPre", True), ("inputs", 1, "LN", True)])
+def test_eap_ig_equals_the_definition_with_gradients_read_by_autograd(interpolate, steps, norm, stacked, monkeypatch):
     """EAP-IG (inputs) and EAP-IG-activations against their definition computed the slow way: every
     target's input is a TransformerLens split q/k/v (or MLP) input whose gradient autograd reads,
     one interpolated run per group and alpha (corrupted + alpha (clean - corrupted), alpha = k /
     steps), and edge score = source difference . mean gradient, over the gap. Under every norm the
     graph's gradients pass through: weightless RMS and LayerNorm in closed form, LayerNorm with
-    weights through autograd."""
+    weights through autograd. Passes run stacked in one forward and backward, or (memory budget
+    below one pass) one at a time."""
+    if not stacked:
+        monkeypatch.setattr("circuits.eap.BACKWARD_BYTES", 1)
     model = from_hooked_transformer(make_toy_tl(seed=6, n_layers=3, attn_only=False, n_key_value_heads=2,
                                                 positional_embedding_type="rotary", rotary_dim=8,
                                                 normalization_type=norm), "ig-definition")
