@@ -5,7 +5,8 @@
 Times (warm, best of 2-3), on the same IOI prompts in one process: a plain forward of the clean prompts (the unit),
 EAP over every edge of the model's graph, EAP-IG with 5 steps, and the 10-point faithfulness curve
 (10 circuits plus the empty one, in one batched evaluation); with --activations, EAP-IG-activations. Prints seconds and the ratio to the
-plain forward. Targets (issue): EAP <= 3, EAP-IG (5 steps) <= 8, the curve <= 12. Then ACDC (KL,
+plain forward. Targets (issue): EAP <= 3, EAP-IG (5 steps) <= 8, the curve <= 12. Then the floors:
+the passes each method cannot skip, timed the same way. Then ACDC (KL,
 threshold 0.01) on a restricted graph (heads of the last `--acdc-layers` layers into each other and
 the logits) against EAP on the same edges: the speed ratio and the ROC AUC of EAP's ranking of those
 edges against ACDC's circuit.
@@ -26,6 +27,39 @@ def timed(fn, repeats: int = 1) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def floors(model, task, tokens, forward: float, n_circuits: int) -> None:
+    """What no implementation on TransformerLens's forward can skip, timed here: the clean forward
+    (no unembedding), one gradient pass (forward and backward of the corrupted prompts to their
+    embeddings, metric at the last token), five such passes stacked, and one forward of the
+    curve's circuits' rows. EAP needs the first two, 5-step EAP-IG the first and the stacked
+    passes, the curve the last."""
+    from circuits.own_hooks import own_hooks
+    from circuits.patching import unembed_final
+
+    tl, n = model.tl, model.n_layers
+    corrupt, lengths = task.tokens("corrupted")
+    answers, wrongs = task.answer_ids(), task.wrong_ids()
+
+    def gradient_pass(copies):
+        def leaf(act, hook):
+            return act.detach().requires_grad_(True)
+
+        with own_hooks(tl, [("blocks.0.hook_resid_pre", leaf)]):
+            resid = tl(corrupt.repeat(copies, 1), stop_at_layer=n)
+        rows = torch.arange(len(resid))
+        logits = unembed_final(tl, resid[rows, lengths.repeat(copies) - 1][:, None])[:, 0]
+        (logits[rows, answers.repeat(copies)] - logits[rows, wrongs.repeat(copies)]).sum().backward()
+
+    with torch.no_grad():
+        clean = timed(lambda: tl(tokens, stop_at_layer=n), repeats=3)
+        circuits = timed(lambda: tl(tokens.repeat(n_circuits, 1), stop_at_layer=n))
+    one, stacked = timed(lambda: gradient_pass(1), repeats=2), timed(lambda: gradient_pass(5), repeats=2)
+    print(f"floors: clean forward without unembedding {clean / forward:.2f}, one gradient pass {one / forward:.2f}, "
+          f"5 stacked passes {stacked / forward:.2f}, the {n_circuits} circuits' rows in one forward {circuits / forward:.2f} "
+          f"forwards; so EAP >= {(clean + one) / forward:.2f}, 5-step EAP-IG >= {(clean + stacked) / forward:.2f}, "
+          f"the curve >= {circuits / forward:.2f} before any score product or correction")
 
 
 def main() -> None:
@@ -71,6 +105,8 @@ def main() -> None:
                         [top_edges(graph, scores[5], max(1, int(f * graph.n_edges())), group) for f in FRACTIONS])
     t = timed(lambda: circuit_metrics(model, task, graph, keeps))
     print(f"{'faithfulness curve (10 + empty)':<34} {t:8.2f} {t / forward:9.2f}")
+
+    floors(model, task, tokens, forward, len(FRACTIONS))
 
     if args.acdc_layers == 0:
         return

@@ -164,8 +164,8 @@ class CircuitEvaluator:
         base, prepared = (0, self._whole) if self.whole_task else (start, self._prepared(start, stop))
         rows, width = slice(start - base, stop - base), int(self.lengths[start:stop].max())
         out = {k: v for k, v in prepared.items()}
-        if self.constant is None:
-            out["ablated"] = {k: v[rows, :width] for k, v in prepared["ablated"].items()}
+        if self.constant is None:  # [batch x pos, ...], as the hooks view the current values
+            out["ablated"] = {k: v[rows, :width].reshape(-1, *v.shape[2:]) for k, v in prepared["ablated"].items()}
             out["residuals"] = prepared["residuals"][:, rows, :width].reshape(len(self.blocks), -1)
         else:
             shape = (len(self.blocks), stop - start, width, self.model.d_model)
@@ -294,12 +294,11 @@ class CircuitEvaluator:
             if hook.name.endswith("hook_z"):  # z difference [batch x pos, head, d_head] -> [head, batch x pos, d_model]
                 w_o = tl.blocks[layer].attn.W_O
                 for c, heads, row, count in heads_of[layer]:
-                    dz = ((ablated.reshape(rows.shape[1:]) if ablated.dim() > 2 else ablated) - rows[c])[:, heads]
+                    dz = (ablated - rows[c])[:, heads]
                     torch.bmm(dz.transpose(0, 1), w_o[heads], out=chunk["delta"][c][row:row + count].view(count, dz.shape[0], -1))
             else:
                 for c, row in outputs_of[layer]:
-                    whole = ablated.reshape(-1) if ablated.dim() > 1 else ablated.expand(rows.shape[1:]).reshape(-1)
-                    torch.sub(whole, rows[c].reshape(-1), out=chunk["delta"][c][row])
+                    torch.sub(ablated, rows[c], out=chunk["delta"][c][row].view(rows.shape[1:]))
 
         def residual(act, hook):  # the current residual a layer's queries, keys and values read
             if chunk:

@@ -12,9 +12,9 @@ not retrieval heads, and measure needle-retrieval accuracy for several K. The de
 the head's query, so its attention becomes uniform (as the reference code does); zero and mean
 ablation of the head's output are options.
 
-Memory: the prompt is prefilled once into a KV cache and each decoding step reads one attention
-row per head (its argmax is kept, the row dropped); no T x T pattern is ever stored. The
-unembedding runs only at the last position.
+Memory: the prompt is prefilled once into a KV cache, with fused attention (no pattern is read
+there), and each decoding step reads one attention row per head (its argmax is kept, the row
+dropped); no T x T pattern is ever stored. The unembedding runs only at the last position.
 
 ROUGE-1 recall is computed here, not with the `rouge-score` package: it is a count of shared
 lower-cased alphanumeric words (the package's tokenisation, without its optional stemming),
@@ -38,7 +38,8 @@ from workbench.progress import tqdm
 from circuits.heads import head_frame, mean_z
 from circuits.own_hooks import Hook, own_hooks
 from circuits.patching import unembed_final
-from workbench.device_memory import memory_budget
+from circuits.sdpa_attention import covered, sdpa_attention
+from workbench.device_memory import forward_bytes_per_token, memory_budget
 from workbench.errors import WorkbenchError
 from workbench.methods import Metric, Outputs, register
 from workbench.nodes import head_name
@@ -57,22 +58,26 @@ def _stop_ids(model) -> set[int]:
     return set(tok.all_special_ids) if tok is not None else set()
 
 
-PREFILL_SCORE_BYTES = 256 * 2**20  # one layer's attention scores while a long prompt is read
+PREFILL_BYTES = 256 * 2**20  # one layer's activations (and attention scores, unfused) while a long prompt is read
 
 
-def prefill(model, x: Tensor, cache) -> Tensor:
+def prefill(model, x: Tensor, cache, argmax: dict[int, Tensor] | None = None) -> Tensor:
     """Run new tokens `x` [batch, new] through `cache` and return the residual at the last layer.
-    A long prompt goes in chunks of queries, so a layer's attention scores ([head, query, key])
-    stay within PREFILL_SCORE_BYTES rather than growing with the square of its length; the hooks
-    these runs carry act on one position at a time, so chunking changes no result."""
+    Attention runs fused where no hook reads a pattern (`circuits.sdpa_attention`, which records
+    each layer's last-query argmax into `argmax` when given), else through TransformerLens's own
+    scores; either way a long prompt goes in chunks of queries, so a layer's activations (or its
+    [head, query, key] scores) stay within PREFILL_BYTES rather than growing with the square of
+    its length. The hooks these runs carry act on one position at a time, so chunking changes no
+    result."""
     cfg, n_new = model.tl.cfg, x.shape[1]
     n_keys = n_new + cache.entries[0].past_keys.shape[1]
-    per_query = x.shape[0] * cfg.n_heads * n_keys * torch.finfo(cfg.dtype).bits // 8
-    step = max(16, PREFILL_SCORE_BYTES // per_query)
-    for start in range(0, n_new, step):
-        # an explicit mask: TransformerLens would otherwise treat pad-token ids in the prompt as padding
-        chunk = x[:, start : start + step]
-        resid = model.tl(chunk, past_kv_cache=cache, attention_mask=torch.ones_like(chunk), stop_at_layer=model.n_layers)
+    with sdpa_attention(model.tl, argmax) as fused:
+        per_query = x.shape[0] * (forward_bytes_per_token(cfg, 0) if fused else cfg.n_heads * n_keys * torch.finfo(cfg.dtype).bits // 8)
+        step = max(16, PREFILL_BYTES // per_query)
+        for start in range(0, n_new, step):
+            # an explicit mask: TransformerLens would otherwise treat pad-token ids in the prompt as padding
+            chunk = x[:, start : start + step]
+            resid = model.tl(chunk, past_kv_cache=cache, attention_mask=torch.ones_like(chunk), stop_at_layer=model.n_layers)
     return resid
 
 
@@ -80,7 +85,10 @@ def prefill(model, x: Tensor, cache) -> Tensor:
 def greedy_generate(model, prompt: list[int], max_new_tokens: int, track_argmax: bool = False,
                     hooks: list[Hook] = (), stop_at_special: bool = True) -> Generation:
     """Greedy decoding through a KV cache; optionally the argmax of every head's current attention
-    row at each step. Stops at a special token (unless told not to) or after `max_new_tokens`."""
+    row at each step. Stops at a special token (unless told not to) or after `max_new_tokens`.
+    Attention runs fused, the argmax read from each step's scores; where a layer cannot (its
+    configuration, or a pattern hook among `hooks`), every layer runs TransformerLens's own
+    attention and a hook reads the argmax off the pattern."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
     tl = model.tl
@@ -88,21 +96,23 @@ def greedy_generate(model, prompt: list[int], max_new_tokens: int, track_argmax:
     current: dict[int, Tensor] = {}
 
     def track(pattern, hook):  # [1, head, query, key]: keep only the last query's argmax
-        current[hook.layer()] = pattern[0, :, -1].argmax(-1)
+        current[hook.layer()] = pattern[0:1, :, -1].argmax(-1)
 
-    fwd = list(hooks) + ([(lambda n: n.endswith("attn.hook_pattern"), track)] if track_argmax else [])
     stops, out, rows = _stop_ids(model) if stop_at_special else set(), [], []
     x = torch.tensor([prompt], device=model.device)
-    with own_hooks(tl, fwd):
-        for _ in range(max_new_tokens):
-            resid = prefill(model, x, cache)
-            token = int(unembed_final(tl, resid[:, -1:])[0, -1].argmax())
-            if token in stops:
-                break
-            out.append(token)
-            if track_argmax:
-                rows.append(torch.stack([current[layer] for layer in range(model.n_layers)]).cpu())
-            x = torch.tensor([[token]], device=model.device)
+    with own_hooks(tl, list(hooks)):
+        fused = all(covered(block.attn) for block in tl.blocks)
+        tracking = [(lambda n: n.endswith("attn.hook_pattern"), track)] if track_argmax and not fused else []
+        with own_hooks(tl, tracking):
+            for _ in range(max_new_tokens):
+                resid = prefill(model, x, cache, current if track_argmax else None)
+                token = int(unembed_final(tl, resid[:, -1:])[0, -1].argmax())
+                if token in stops:
+                    break
+                out.append(token)
+                if track_argmax:
+                    rows.append(torch.stack([current[layer][0] for layer in range(model.n_layers)]).cpu())
+                x = torch.tensor([[token]], device=model.device)
     return Generation(out, torch.stack(rows) if rows else torch.zeros(0, model.n_layers, model.n_heads, dtype=torch.long))
 
 
@@ -328,7 +338,7 @@ def decode_masked(model, test: NeedleTest, drop: Tensor, mask: str, means, param
             cache = _stack_caches([cache], keep)
             active = [active[j] for j in keep]
         x = torch.tensor([[outs[row][-1]] for row in active], device=model.device)
-        with own_hooks(tl, mask_hooks(model, drop[active], mask, means)):
+        with own_hooks(tl, mask_hooks(model, drop[active], mask, means)), sdpa_attention(tl):
             resid = tl(x, past_kv_cache=cache, attention_mask=torch.ones_like(x), stop_at_layer=model.n_layers)
         nxt = unembed_final(tl, resid[:, -1:])[:, -1].argmax(-1).tolist()
 

@@ -48,15 +48,24 @@ def test_copies_are_counted_without_deduplication_as_the_reference_does(wired):
     assert result.metric("retrieval_score").set_index(["layer", "head"])["value"][(1, 0)] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["one-prefill", "prefill-in-chunks-of-16"])
-def test_decode_argmax_equals_the_full_forward_pattern_argmax(chunked, monkeypatch):
-    if chunked:  # the smallest score budget: the 40-token prompt is read 16 queries at a time
-        monkeypatch.setattr("circuits.retrieval.PREFILL_SCORE_BYTES", 1)
-    tl = make_toy_tl(n_layers=2, seed=7, attn_only=False, normalization_type="LN")
+@pytest.mark.parametrize("shape", ["standard-layernorm", "rotary-gqa-rms"])
+@pytest.mark.parametrize("path", ["fused", "fused-prefill-in-chunks-of-16", "pattern-hooked"])
+def test_decode_argmax_equals_the_full_forward_pattern_argmax(path, shape, monkeypatch):
+    """Fused attention reads the argmax off each step's scores; with a pattern hook present every
+    layer runs TransformerLens's attention and the argmax comes off the pattern. Both equal the
+    argmax of the full forward's pattern, and the continuation is the same."""
+    if path == "fused-prefill-in-chunks-of-16":  # the smallest budget: the 40-token prompt is read 16 queries at a time
+        monkeypatch.setattr("circuits.retrieval.PREFILL_BYTES", 1)
+    extra = (dict(normalization_type="LN") if shape == "standard-layernorm" else
+             dict(normalization_type="RMS", n_key_value_heads=2, positional_embedding_type="rotary", rotary_dim=8))
+    tl = make_toy_tl(n_layers=2, seed=7, attn_only=False, **extra)
     model = from_hooked_transformer(tl, "toy")
-    prompt = torch.randint(0, 50, (40,)).tolist()
-    gen = greedy_generate(model, prompt, 8, track_argmax=True)
+    prompt = torch.randint(0, 50, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    seen = []
+    hooks = [("blocks.0.attn.hook_pattern", lambda act, hook: seen.append(act.shape[-1]))] if path == "pattern-hooked" else []
+    gen = greedy_generate(model, prompt, 8, track_argmax=True, hooks=hooks)
     assert len(gen.tokens) == 8
+    assert seen == ([] if path != "pattern-hooked" else list(range(40, 48)))  # TransformerLens's attention ran at every step
     full = torch.tensor([prompt + gen.tokens])
     with torch.no_grad():
         logits, cache = tl.run_with_cache(full)
