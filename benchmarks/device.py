@@ -1,6 +1,6 @@
 """Method families against their references on this machine's device, with the arithmetic floor.
 
-    .venv/bin/python benchmarks/device.py [--only rate sweep atp retrieval eap long] [--device cuda]
+    .venv/bin/python benchmarks/device.py [--only rate sweep atp retrieval eap long fused] [--device cuda]
 
 Models have random weights in a real model's shape (`workbench.models.shapes`): the embedded
 model's ("135m"), Llama-3.2-1B's ("1b") and GPT-2 small's. Every time is taken with the device
@@ -16,7 +16,9 @@ measured time over that floor (1.0 would be every cycle on useful arithmetic).
   Hugging Face's greedy `generate` with SDPA attention on the same weights: time and peak memory;
 - `eap`: EAP and EAP-IG (5 steps) over every edge of the GPT-2-small shape, 1,000 prompts;
 - `long`: every method family on one long prompt (8k tokens on the 135M shape, 4k on the 1B shape):
-  seconds and peak memory.
+  seconds and peak memory;
+- `fused`: fused attention (`circuits.sdpa_attention`) against TransformerLens's own attention, a
+  forward and a forward + backward at 17, 128 and 1,024 tokens.
 """
 
 from __future__ import annotations
@@ -270,9 +272,37 @@ def long(args, rates) -> None:
         del model
 
 
+def fused(args, rates) -> None:
+    """Fused attention against TransformerLens's own: a forward, and a forward and backward to the
+    embeddings, on the 135M shape at short, medium and long prompts."""
+    from circuits.own_hooks import own_hooks
+    from circuits.sdpa_attention import sdpa_attention
+
+    model = load("smollm2-135m", "float32" if args.device == "cpu" else "bfloat16", args.device)
+    tl, n = model.tl, model.n_layers
+    for batch, n_tokens in ((16, 17), (16, 128), (2, 1024)):
+        x = torch.randint(1, 49152, (batch, n_tokens), device=args.device)
+
+        def forward():
+            with torch.no_grad():
+                tl(x, stop_at_layer=n)
+
+        def backward():
+            with own_hooks(tl, [("blocks.0.hook_resid_pre", lambda act, hook: act.detach().requires_grad_(True))]):
+                tl(x, stop_at_layer=n)[:, -1].sum().backward()
+
+        for label, fn in (("forward", forward), ("forward + backward", backward)):
+            plain = timed(fn, args.device, repeats=3)
+            with sdpa_attention(tl):
+                ours = timed(fn, args.device, repeats=3)
+            row(f"fused attention, {label}, 135M shape, {batch} x {n_tokens} tokens", ours, plain,
+                "TransformerLens attention")
+    del model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", nargs="+", default=["rate", "sweep", "atp", "retrieval", "eap", "long"])
+    parser.add_argument("--only", nargs="+", default=["rate", "sweep", "atp", "retrieval", "eap", "long", "fused"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--sample", type=int, default=32, help="heads the reference sweep is timed on")
@@ -289,7 +319,7 @@ def main() -> None:
         rates["tf32"] = matmul_rate(args.device, torch.float32, tf32=True)
         rates["float16"] = matmul_rate(args.device, torch.float16)
     print("measured matmul rate: " + ", ".join(f"{k} {v / 1e12:.1f} TFLOP/s" for k, v in rates.items()), flush=True)
-    for section in ("sweep", "atp", "retrieval", "eap", "long"):
+    for section in ("sweep", "atp", "retrieval", "eap", "long", "fused"):
         if section in args.only:
             globals()[section](args, rates)
     print("\n| case | ours s | reference s | reference | ratio | floor x | memory |\n| --- | --- | --- | --- | --- | --- | --- |")

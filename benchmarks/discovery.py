@@ -30,13 +30,15 @@ def timed(fn, repeats: int = 1) -> float:
 
 
 def floors(model, task, tokens, forward: float, n_circuits: int) -> None:
-    """What no implementation on TransformerLens's forward can skip, timed here: the clean forward
-    (no unembedding), one gradient pass (forward and backward of the corrupted prompts to their
-    embeddings, metric at the last token), five such passes stacked, and one forward of the
-    curve's circuits' rows. EAP needs the first two, 5-step EAP-IG the first and the stacked
-    passes, the curve the last."""
+    """What no implementation on TransformerLens's forward can skip, timed here with the fused
+    attention the methods run: the clean forward (no unembedding), one gradient pass (forward and
+    backward of the corrupted prompts to their embeddings, metric at the last token), five such
+    passes stacked, and one forward of the curve's circuits' rows. EAP needs the first two, 5-step
+    EAP-IG the first and the stacked passes, the curve the last. Also the plain forward (the unit)
+    with fused attention, for scale."""
     from circuits.own_hooks import own_hooks
     from circuits.patching import unembed_final
+    from circuits.sdpa_attention import sdpa_attention
 
     tl, n = model.tl, model.n_layers
     corrupt, lengths = task.tokens("corrupted")
@@ -52,10 +54,13 @@ def floors(model, task, tokens, forward: float, n_circuits: int) -> None:
         logits = unembed_final(tl, resid[rows, lengths.repeat(copies) - 1][:, None])[:, 0]
         (logits[rows, answers.repeat(copies)] - logits[rows, wrongs.repeat(copies)]).sum().backward()
 
-    with torch.no_grad():
+    with torch.no_grad(), sdpa_attention(tl):  # the attention the methods run
         clean = timed(lambda: tl(tokens, stop_at_layer=n), repeats=3)
         circuits = timed(lambda: tl(tokens.repeat(n_circuits, 1), stop_at_layer=n))
-    one, stacked = timed(lambda: gradient_pass(1), repeats=2), timed(lambda: gradient_pass(5), repeats=2)
+        fused = timed(lambda: tl(tokens), repeats=3)
+    with sdpa_attention(tl):
+        one, stacked = timed(lambda: gradient_pass(1), repeats=2), timed(lambda: gradient_pass(5), repeats=2)
+    print(f"{'plain forward, fused attention':<34} {fused:8.2f} {fused / forward:9.2f}")
     print(f"floors: clean forward without unembedding {clean / forward:.2f}, one gradient pass {one / forward:.2f}, "
           f"5 stacked passes {stacked / forward:.2f}, the {n_circuits} circuits' rows in one forward {circuits / forward:.2f} "
           f"forwards; so EAP >= {(clean + one) / forward:.2f}, 5-step EAP-IG >= {(clean + stacked) / forward:.2f}, "

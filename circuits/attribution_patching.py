@@ -19,6 +19,7 @@ from torch import Tensor
 
 from circuits.metric_gradients import gradients
 from circuits.own_hooks import own_hooks
+from circuits.sdpa_attention import covered, fused_attention
 from circuits.patching import ACTIVATIONS, METRICS, hook_name, metric_values, unembed_final
 from workbench.device_memory import backward_bytes_per_token, memory_budget
 from workbench.errors import WorkbenchError
@@ -43,6 +44,7 @@ def _reduce(x: Tensor, kind: str, by_position: bool) -> Tensor:
     return x.T if by_position else x.sum(-1)
 
 
+@fused_attention
 def attribution_patch(model, task, activations: tuple[str, ...] = ("z",), metric: str = "logit_diff",
                       by_position: bool = False) -> tuple[dict[str, Tensor], float, float]:
     """Estimated normalised effect per activation: [layer, pos?, head?] tensors, plus the baselines."""
@@ -58,7 +60,8 @@ def attribution_patch(model, task, activations: tuple[str, ...] = ("z",), metric
     corrupt_all, _ = task.tokens("corrupted", device=device)
     answers_all, wrongs_all = task.answer_ids(device), task.wrong_ids(device)
     names = [hook_name(a, layer) for a in activations for layer in range(n_layers)]
-    batch_size, layerwise = backward_plan(model, clean_all.shape[1])
+    patterns = "pattern" in activations or not all(covered(block.attn) for block in tl.blocks)
+    batch_size, layerwise = backward_plan(model, clean_all.shape[1], patterns)
     sums: dict[str, list[Tensor]] = {a: [0] * n_layers for a in activations}
     totals = {"clean": 0.0, "corrupted": 0.0}
     chunks = range(0, len(task), batch_size)
@@ -103,10 +106,11 @@ def attribution_patch(model, task, activations: tuple[str, ...] = ("z",), metric
     return out, clean_value, corrupt_value
 
 
-def backward_plan(model, n_tokens: int) -> tuple[int, bool]:
+def backward_plan(model, n_tokens: int, patterns: bool = True) -> tuple[int, bool]:
     """(prompts per chunk, a layer at a time?): whole backwards over as many prompts as the memory
-    budget holds; when not even one prompt's fits, one layer's graph at a time (`metric_gradients`)."""
-    per_prompt_layer = backward_bytes_per_token(model.cfg, n_tokens) * n_tokens
+    budget holds; when not even one prompt's fits, one layer's graph at a time (`metric_gradients`).
+    `patterns`: whether the backward keeps attention patterns (unfused attention)."""
+    per_prompt_layer = backward_bytes_per_token(model.cfg, n_tokens, patterns) * n_tokens
     budget = memory_budget(model.device, BACKWARD_BYTES)
     whole = budget // (per_prompt_layer * model.n_layers)
     if whole >= 1:

@@ -30,6 +30,7 @@ from circuits.eap import _final
 from circuits.graph import Graph, check_model, source_hooks, source_outputs
 from circuits.own_hooks import own_hooks
 from circuits.patching import metric_values
+from circuits.sdpa_attention import sdpa_attention
 from workbench.device_memory import memory_budget
 from workbench.errors import WorkbenchError
 
@@ -237,7 +238,7 @@ class CircuitEvaluator:
         if not tl.cfg.attn_only:
             tl.set_use_hook_mlp_in(True)  # an MLP's input as a hook point of its own
         try:
-            with own_hooks(tl, hooks if len(run) else []):  # added once: adding ~240 hooks costs about 60 ms on a CPU
+            with own_hooks(tl, hooks if len(run) else []), sdpa_attention(tl):  # hooks added once: ~60 ms on a CPU
                 delta = None
                 for start in range(0, len(self.task), batch):
                     stop = min(start + batch, len(self.task))

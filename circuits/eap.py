@@ -28,6 +28,7 @@ from workbench.progress import tqdm
 from circuits.graph import Graph, build_graph, check_model, source_hooks
 from circuits.patching import Baselines, metric_values, unembed_final
 from circuits.own_hooks import own_hooks
+from circuits.sdpa_attention import covered, fused_attention
 from circuits.attribution_patching import BACKWARD_BYTES
 from workbench.device_memory import backward_bytes_per_token, memory_budget
 from workbench.errors import WorkbenchError
@@ -187,6 +188,7 @@ def source_differences(model, graph: Graph, clean: dict[str, Tensor], corrupted:
     return out.view(len(graph.sources), -1)
 
 
+@fused_attention
 def eap_scores(model, task, graph: Graph, metric: str = "logit_diff", steps: int = 1, batch_size: int = 16,
                interpolate: Literal["inputs", "activations"] = "inputs") -> tuple[Tensor, Baselines]:
     """[source, target] scores (0 where no edge) and the clean / corrupted metric baselines.
@@ -241,7 +243,7 @@ def eap_scores(model, task, graph: Graph, metric: str = "logit_diff", steps: int
             grads = torch.empty(n_targets, batch_size * int(lengths_all.max()) * model.d_model, device=device)
         grads_here = grads[:, :clean.numel() * model.d_model]
         # several passes run as stacked copies of the chunk in one forward and backward when memory allows
-        per_pass = backward_bytes_per_token(model.cfg, width) * n * clean.numel()
+        per_pass = backward_bytes_per_token(model.cfg, width, patterns=not all(covered(b.attn) for b in tl.blocks)) * n * clean.numel()
         copies = max(1, min(len(passes), memory_budget(device, BACKWARD_BYTES, share=0.25) // per_pass))
         for first in range(0, len(passes), copies):
             batch = passes[first:first + copies]

@@ -26,6 +26,7 @@ from torch import Tensor
 from workbench.progress import tqdm
 
 from circuits.own_hooks import own_hooks
+from circuits.sdpa_attention import sdpa_attention
 from workbench.device_memory import forward_bytes_per_token, memory_budget
 from workbench.errors import WorkbenchError
 
@@ -168,7 +169,7 @@ class PatchingRun:
                  for n in ("hook_resid_pre", "attn.hook_k", "attn.hook_v")}
         names |= {source_hook(model, a, layer) for a in activations for layer in range(model.n_layers)}
         names = {n for n in names if n in tl.hook_dict}
-        with torch.no_grad():
+        with torch.no_grad(), sdpa_attention(tl):
             clean_logits, self.clean_cache = tl.run_with_cache(self.clean_tokens, names_filter=lambda n: n in names)
             corrupt_logits, self.corrupt_cache = tl.run_with_cache(self.corrupt_tokens, names_filter=lambda n: n in names)
         self.final_idx = self.lengths - 1
@@ -244,7 +245,7 @@ class PatchingRun:
             hooks = [(hook_name(activation, layer), hook)]
         x = self.base_cache[f"blocks.{layer}.hook_resid_pre"][:, offset:].repeat(n, 1, 1)
         kv = self._kv_prefix(layer, offset, n) if offset > 0 else None
-        with own_hooks(tl, hooks):
+        with own_hooks(tl, hooks), sdpa_attention(tl):
             resid = tl(x, start_at_layer=layer, stop_at_layer=self.model.n_layers, past_kv_cache=kv)
         final = self.final_idx.repeat(n) - offset
         reached = final >= 0  # prompts that end before the patched position are unchanged

@@ -15,8 +15,9 @@ never depend on which path ran beyond float rounding.
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ SUPPORTED_POSITIONS = ("standard", "rotary")
 
 def covered(attn) -> bool:
     """Whether this attention layer's forward can run fused: a configuration the fused forward
-    reproduces and no hook on its scores or pattern."""
+    reproduces and no hook (forward or backward) on its scores or pattern."""
     cfg = attn.cfg
     return (type(attn).__name__ in ("Attention", "GroupedQueryAttention")
             and cfg.positional_embedding_type in SUPPORTED_POSITIONS
@@ -36,7 +37,7 @@ def covered(attn) -> bool:
             and not cfg.use_attention_sinks and not cfg.use_attn_result and not cfg.load_in_4bit
             and not getattr(cfg, "ungroup_grouped_query_attention", False)
             and cfg.original_architecture not in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
-            and not attn.hook_attn_scores.fwd_hooks and not attn.hook_pattern.fwd_hooks)
+            and not any(point.fwd_hooks or point.bwd_hooks for point in (attn.hook_attn_scores, attn.hook_pattern)))
 
 
 def _fused_forward(attn, original, argmax: dict[int, Tensor] | None):
@@ -108,3 +109,13 @@ def sdpa_attention(tl, argmax: dict[int, Tensor] | None = None) -> Iterator[bool
                 attn.forward = before
             else:
                 del attn.forward
+
+
+def fused_attention(fn: Callable) -> Callable:
+    """Decorate a method function `fn(model, ...)` to run with fused attention throughout."""
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        with sdpa_attention(model.tl):
+            return fn(model, *args, **kwargs)
+
+    return wrapper

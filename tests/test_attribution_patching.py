@@ -99,26 +99,28 @@ class SavedBytes:
         self.live -= n
 
 
+@pytest.mark.parametrize("patterns", [True, False], ids=["pattern-read", "fused-attention"])
 @pytest.mark.parametrize("by_position", [False, True])
-def test_chunks_and_layer_by_layer_backward_give_the_whole_backwards_estimate(by_position, monkeypatch):
+def test_chunks_and_layer_by_layer_backward_give_the_whole_backwards_estimate(by_position, patterns, monkeypatch):
     """Forced by a small memory budget, prompts in chunks of one and then one layer's graph at a
     time give the same estimates as one backward over every prompt, on a model with MLPs, RMS
     norms, rotary positions and grouped keys; the layer-at-a-time backward holds a fraction of the
-    saved activations."""
+    saved activations. With the pattern among the activations attention runs as TransformerLens's
+    (its patterns saved); without, fused (none saved)."""
     import circuits.attribution_patching as atp
 
     tl = make_toy_tl(n_layers=4, attn_only=False, normalization_type="RMS", positional_embedding_type="rotary",
                      rotary_dim=8, n_key_value_heads=2, seed=5)
     model = from_hooked_transformer(tl, "rotary-toy")
     task = build_task(model, "induction", {"n_prompts": 3, "seq_len": 24})
-    acts = ("z", "v", "pattern", "resid_pre", "mlp_out")
+    acts = ("z", "v", "pattern", "resid_pre", "mlp_out") if patterns else ("z", "v", "resid_pre", "mlp_out")
     n_tokens = task.tokens("clean")[0].shape[1]
-    per_layer = atp.backward_bytes_per_token(model.cfg, n_tokens) * n_tokens
+    per_layer = atp.backward_bytes_per_token(model.cfg, n_tokens, patterns) * n_tokens
     plans = {"whole": 3 * per_layer * model.n_layers, "chunks of one": per_layer * model.n_layers, "layers": per_layer}
     runs, peaks = {}, {}
     for label, budget in plans.items():
         monkeypatch.setattr(atp, "memory_budget", lambda device, cpu_bytes, share=0.5, budget=budget: budget)
-        assert atp.backward_plan(model, n_tokens) == {"whole": (3, False), "chunks of one": (1, False), "layers": (1, True)}[label]
+        assert atp.backward_plan(model, n_tokens, patterns) == {"whole": (3, False), "chunks of one": (1, False), "layers": (1, True)}[label]
         saved = SavedBytes(model)
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda held: held.tensor):
             runs[label] = attribution_patch(model, task, acts, by_position=by_position)
