@@ -243,8 +243,9 @@ class CircuitEvaluator:
                 for start in range(0, len(self.task), batch):
                     stop = min(start + batch, len(self.task))
                     prepared, lengths = self._chunk(start, stop), self.lengths[start:stop]
-                    resid = prepared["residuals"][self.logits_block].view(stop - start, -1, model.d_model)
-                    totals[empty] += self._values(resid, prepared, start, stop, 1).sum().double()
+                    if empty.any():
+                        resid = prepared["residuals"][self.logits_block].view(stop - start, -1, model.d_model)
+                        totals[empty] += self._values(resid, prepared, start, stop, 1).sum().double()
                     if not len(run):
                         continue
                     size = prepared["residuals"].shape[1]

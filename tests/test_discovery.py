@@ -178,7 +178,7 @@ def test_circuits_equal_the_direct_sum_of_kept_and_ablated_outputs(ablation, nor
                "mean": ((outputs * real).sum((0, 1)) / real.sum()).expand_as(outputs)}[ablation]
     generator = torch.Generator().manual_seed(0)
     keeps = torch.stack([graph.valid & (torch.rand(graph.valid.shape, generator=generator) < p)
-                         for p in (0.03, 0.3, 0.7, 0.97)])
+                         for p in (0.0, 0.03, 0.3, 0.7, 0.97)])  # 0: the empty circuit, read off the ablated residual
     ours = circuit_metrics(model, task, graph, keeps, ablation=ablation).tolist()
     with torch.no_grad():
         direct = [_direct_circuit_metric(model, task, graph, keep, ablated) for keep in keeps]
