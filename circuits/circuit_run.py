@@ -20,8 +20,9 @@ of W_Q, W_K or W_V, only for the circuits whose input for it differs from the cu
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 from torch import Tensor
@@ -234,11 +235,12 @@ class CircuitEvaluator:
             offsets = [0] + torch.tensor(stored).cumsum(0).tolist()
             batch = max(1, self.chunk_bytes // (max(1, offsets[-1]) * self.per_source_prompt))
             hooks, chunk = self._hooks(plans, read)
+            swaps = self._swaps(plans, self._idle_mlps(keeps[run]), chunk)
         before = tl.cfg.use_hook_mlp_in
         if not tl.cfg.attn_only:
             tl.set_use_hook_mlp_in(True)  # an MLP's input as a hook point of its own
         try:
-            with own_hooks(tl, hooks if len(run) else []), sdpa_attention(tl):  # hooks added once: ~60 ms on a CPU
+            with own_hooks(tl, hooks if len(run) else []), swapped(swaps if len(run) else []), sdpa_attention(tl):
                 delta = None
                 for start in range(0, len(self.task), batch):
                     stop = min(start + batch, len(self.task))
@@ -306,29 +308,79 @@ class CircuitEvaluator:
             if chunk:
                 chunk["resid"] = act
 
-        def inputs(act, hook):
-            b, entry = self.block_of[hook.name]
+        def inputs(act, hook):  # an MLP's input, or the final residual the logits read
+            b, _ = self.block_of[hook.name]
             if not chunk or not plans[b]:
                 return act
-            block = self.blocks[b]
-            rows = act.view(n_circuits, -1, *act.shape[2:])  # [circuit, batch x pos, (entry,) d]
-            if entry == 0:  # the block's first hook: every input of the block, for its later hooks too
-                current = (chunk["resid"] if block.kind == "attn" else act).view(n_circuits, -1)
-                chunk["pending"] = [(plan, self._inputs(plan, chunk, b, current[plan.circuit])) for plan in plans[b]]
-                if block.kind == "attn":
-                    chunk["pending"] = [(plan, self._project(block.layer, u, plan.entries, rows.shape[1]))
-                                        for plan, u in chunk["pending"]]
-            if block.kind != "attn":
-                for plan, u in chunk["pending"]:
-                    rows[plan.circuit] = u.view(rows.shape[1:])
-                return act
-            for plan, q in chunk["pending"]:  # [batch x pos, entry, d_head]
-                rows[plan.circuit] = q[:, entry:entry + rows.shape[2]]
+            rows = act.view(n_circuits, -1)
+            for plan in plans[b]:
+                rows[plan.circuit] = self._inputs(plan, chunk, b, rows[plan.circuit]).view(-1)
             return act
 
         hooks = ([(h, differences) for h in sorted(self.names)] + [(f"blocks.{layer}.hook_resid_pre", residual) for layer in range(n)]
-                 + [(h, inputs) for h in self.block_of])
+                 + [(h, inputs) for h in self.block_of if self.blocks[self.block_of[h][0]].kind != "attn"])
         return hooks, chunk
+
+    def _idle_mlps(self, keeps: Tensor) -> Tensor:
+        """[circuit, layer]: MLPs a circuit's run need not compute, whose output is then set to its
+        ablated value: one that no kept edge reads, or (corrupted ablation) one that no kept edge
+        feeds, whose input is the corrupted run's and so its output too."""
+        if self.model.cfg.attn_only or self.model.cfg.use_normalization_before_and_after:
+            return torch.zeros(len(keeps), self.model.n_layers, dtype=torch.bool)
+        kept = keeps & self.graph.valid
+        sources = torch.tensor([self.layer_sources[layer].stop - 1 for layer in range(self.model.n_layers)])
+        idle = ~kept[:, sources].any(2)
+        if self.ablation == "corrupted":
+            targets = torch.tensor([self.blocks[self.block_of[f"blocks.{layer}.hook_mlp_in"][0]].columns[0]
+                                    for layer in range(self.model.n_layers)])
+            idle |= ~kept[:, :, targets].any(1)
+        return idle
+
+    def _swaps(self, plans: list[list[Plan]], idle_mlps: Tensor, chunk: dict) -> list[tuple]:
+        """(module, attribute, replacement) for one batched run: each layer's query/key/value
+        computation, which builds every planned circuit's from its own inputs and computes the
+        rest as usual (so no circuit's are computed twice), and each MLP's forward, which runs
+        only the circuits' rows that need it."""
+        tl, n_circuits = self.model.tl, len(idle_mlps)
+        swaps = []
+        for b, block in enumerate(self.blocks):
+            if block.kind == "attn":
+                attn = tl.blocks[block.layer].attn
+                swaps.append((attn, "calculate_qkv_matrices", self._qkv(attn, b, plans[b], n_circuits, chunk)))
+        for layer, idle in enumerate(idle_mlps.T):
+            if idle.any():
+                mlp = tl.blocks[layer].mlp
+                swaps.append((mlp, "forward", _rows_of(mlp.forward, ~idle, f"blocks.{layer}.hook_mlp_out", chunk)))
+        return swaps
+
+    def _qkv(self, attn, b: int, plans: list[Plan], n_circuits: int, chunk: dict):
+        """A layer's query/key/value computation for one batched run: a planned circuit's from its
+        own inputs, every other circuit's from the normed residual as usual, in one product."""
+        block, original = self.blocks[b], attn.calculate_qkv_matrices
+        _, _, w_all, b_all = self.qkv[block.layer]
+        starts = [sum(block.sizes[:i]) for i in range(len(block.sizes) + 1)]
+        others = [c for c in range(n_circuits) if c not in {plan.circuit for plan in plans}]
+
+        def qkv(query_input, key_input, value_input):
+            if not chunk or not plans:
+                return original(query_input, key_input, value_input)
+            batch, pos, d_model = query_input.shape
+            rows = query_input.view(n_circuits, -1, d_model)  # [circuit, batch x pos, d_model]
+            out = w_all.new_empty(n_circuits, rows.shape[1], starts[-1], w_all.shape[1] // starts[-1])
+            if others:
+                rest = torch.tensor(others, device=rows.device)
+                out[rest] = torch.addmm(b_all, rows[rest].flatten(0, 1), w_all).view(len(others), *out.shape[1:])
+            current = chunk["resid"].view(n_circuits, -1)
+            for plan in plans:
+                out[plan.circuit] = self._project(block.layer, self._inputs(plan, chunk, b, current[plan.circuit]),
+                                                  plan.entries, rows.shape[1])
+            q, k, v = (attn.hook_q, attn.hook_k, attn.hook_v)
+            q, k, v = (hook(out[:, :, i:j].reshape(batch, pos, j - i, -1)) for hook, i, j in zip((q, k, v), starts, starts[1:]))
+            if attn.cfg.use_qk_norm:
+                q, k = attn._apply_qk_norm(q, attn.q_norm), attn._apply_qk_norm(k, attn.k_norm)
+            return q, k, v
+
+        return qkv
 
     @staticmethod
     def _inputs(plan: Plan, chunk: dict, block: int, current: Tensor) -> Tensor:
@@ -350,6 +402,41 @@ class CircuitEvaluator:
         if len(normed) == 1:  # one input: one product with every head's weights side by side
             return torch.addmm(b_all, normed[0], w_all).view(tokens, w.shape[0], -1)
         return torch.baddbmm(b, normed if entries is None else normed.index_select(0, entries), w).transpose(0, 1)
+
+
+def _rows_of(forward, needed: Tensor, hook: str, chunk: dict):
+    """An MLP's forward for one batched run: computed on the rows of the circuits that need it
+    (`needed`, by circuit); the others take the MLP's ablated output, so their differences are 0."""
+    which = needed.nonzero().flatten()
+
+    def run(x):
+        if not chunk:
+            return forward(x)
+        rows = x.reshape(len(needed), -1, x.shape[-1])  # [circuit, batch x pos, d_model]
+        out = torch.empty_like(rows)
+        out[:] = chunk["ablated"][hook]  # [batch x pos, d_model], or [d_model] for mean and zero
+        if len(which):
+            idx = which.to(x.device)
+            out[idx] = forward(rows[idx])
+        return out.view(x.shape)
+
+    return run
+
+
+@contextmanager
+def swapped(swaps: list[tuple]) -> Iterator[None]:
+    """Within the block, each (module, attribute, replacement) of `swaps` replaces the module's own."""
+    before = [(module, name, module.__dict__.get(name)) for module, name, _ in swaps]
+    try:
+        for module, name, replacement in swaps:
+            setattr(module, name, replacement)
+        yield
+    finally:
+        for module, name, value in before:
+            if value is None:
+                delattr(module, name)
+            else:
+                setattr(module, name, value)
 
 
 def circuit_metrics(model, task, graph: Graph, keeps: Tensor, metric: str = "logit_diff",

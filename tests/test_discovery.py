@@ -157,8 +157,9 @@ def _direct_circuit_metric(model, task, graph, keep, ablated):
 def test_circuits_equal_the_direct_sum_of_kept_and_ablated_outputs(ablation, norm):
     """Random circuits from nearly empty to nearly full, so that every way of building a target's
     input (through the ablated edges or the whole residual less the kept edges, gathered or dense)
-    is taken, against the definition computed directly; attention output biases, query/key/value
-    biases and the first norm's weights (and LayerNorm's bias) are random."""
+    is taken, and circuits whose MLPs are fed by no kept edge or read by none (the run skips an
+    MLP it need not compute), against the definition computed directly; attention output biases,
+    query/key/value biases and the first norm's weights (and LayerNorm's bias) are random."""
     model = from_hooked_transformer(make_toy_tl(seed=5, n_layers=3, attn_only=False, n_key_value_heads=2,
                                                 positional_embedding_type="rotary", rotary_dim=8,
                                                 normalization_type=norm), "direct-sum")
@@ -177,8 +178,14 @@ def test_circuits_equal_the_direct_sum_of_kept_and_ablated_outputs(ablation, nor
     ablated = {"corrupted": outputs, "zero": torch.zeros_like(outputs),
                "mean": ((outputs * real).sum((0, 1)) / real.sum()).expand_as(outputs)}[ablation]
     generator = torch.Generator().manual_seed(0)
-    keeps = torch.stack([graph.valid & (torch.rand(graph.valid.shape, generator=generator) < p)
-                         for p in (0.0, 0.03, 0.3, 0.7, 0.97)])  # 0: the empty circuit, read off the ablated residual
+    random = [graph.valid & (torch.rand(graph.valid.shape, generator=generator) < p)
+              for p in (0.0, 0.03, 0.3, 0.7, 0.97)]  # 0: the empty circuit, read off the ablated residual
+    # MLPs fed by no kept edge whose outputs are read (under corrupted ablation their output is the
+    # corrupted run's, under mean and zero it is not), and MLPs whose outputs no kept edge reads
+    into_mlps = torch.tensor([t.input == "mlp" for t in graph.targets])
+    out_of_mlps = torch.tensor([s.startswith("MLP") for s in graph.sources])
+    keeps = torch.stack(random + [graph.valid & ~into_mlps[None, :], graph.valid & out_of_mlps[:, None],
+                                  graph.valid & ~out_of_mlps[:, None]])
     ours = circuit_metrics(model, task, graph, keeps, ablation=ablation).tolist()
     with torch.no_grad():
         direct = [_direct_circuit_metric(model, task, graph, keep, ablated) for keep in keeps]
