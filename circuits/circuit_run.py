@@ -15,7 +15,10 @@ differences some correction reads are computed, a head's as its z difference thr
 
 The forward is an ordinary one (no per-head copies of the residual stream): a head's query, key
 or value is recomputed from its own input, through the layer's first norm and that head's slice
-of W_Q, W_K or W_V, only for the circuits whose input for it differs from the current residual.
+of W_Q, W_K or W_V, only for the circuits whose input for it differs from the current residual
+(in place of TransformerLens's projection, not after it). An MLP whose output no kept edge reads,
+or (corrupted ablation) whose input no kept edge feeds, is not run for that circuit: it takes its
+ablated output.
 """
 
 from __future__ import annotations
@@ -407,14 +410,14 @@ class CircuitEvaluator:
 def _rows_of(forward, needed: Tensor, hook: str, chunk: dict):
     """An MLP's forward for one batched run: computed on the rows of the circuits that need it
     (`needed`, by circuit); the others take the MLP's ablated output, so their differences are 0."""
-    which = needed.nonzero().flatten()
+    which, idle = needed.nonzero().flatten(), (~needed).nonzero().flatten()
 
     def run(x):
         if not chunk:
             return forward(x)
         rows = x.reshape(len(needed), -1, x.shape[-1])  # [circuit, batch x pos, d_model]
         out = torch.empty_like(rows)
-        out[:] = chunk["ablated"][hook]  # [batch x pos, d_model], or [d_model] for mean and zero
+        out[idle.to(x.device)] = chunk["ablated"][hook]  # [batch x pos, d_model], or [d_model] for mean and zero
         if len(which):
             idx = which.to(x.device)
             out[idx] = forward(rows[idx])
