@@ -38,7 +38,7 @@ from workbench.progress import tqdm
 from circuits.heads import head_frame, mean_z
 from circuits.own_hooks import Hook, own_hooks
 from circuits.patching import unembed_final
-from circuits.sdpa_attention import covered, sdpa_attention
+from circuits.sdpa_attention import covered, reserve, sdpa_attention
 from workbench.device_memory import forward_bytes_per_token, memory_budget
 from workbench.errors import WorkbenchError
 from workbench.methods import Metric, Outputs, register
@@ -93,6 +93,7 @@ def greedy_generate(model, prompt: list[int], max_new_tokens: int, track_argmax:
 
     tl = model.tl
     cache = TransformerLensKeyValueCache.init_cache(tl.cfg, model.device, 1)
+    reserve(cache, len(prompt) + max_new_tokens)
     current: dict[int, Tensor] = {}
 
     def track(pattern, hook):  # [1, head, query, key]: keep only the last query's argmax

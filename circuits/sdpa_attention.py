@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from transformer_lens.hook_points import HookPoint
 
 SUPPORTED_POSITIONS = ("standard", "rotary")
 
@@ -35,6 +36,7 @@ def covered(attn) -> bool:
             and (attn._attention_dir_override or cfg.attention_dir) == "causal"
             and not (cfg.attn_scores_soft_cap or 0) > 0 and cfg.clip_qkv is None and not cfg.use_logn_attn
             and not cfg.use_attention_sinks and not cfg.use_attn_result and not cfg.load_in_4bit
+            and not cfg.use_dynamic_ntk_rope  # its frequencies change with the length: cached rotated keys would go stale
             and not getattr(cfg, "ungroup_grouped_query_attention", False)
             and cfg.original_architecture not in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
             and not any(point.fwd_hooks or point.bwd_hooks for point in (attn.hook_attn_scores, attn.hook_pattern)))
@@ -49,25 +51,35 @@ def _fused_forward(attn, original, argmax: dict[int, Tensor] | None):
                             additive_attention_mask=additive_attention_mask, attention_mask=attention_mask,
                             position_bias=position_bias)
         q, k, v = attn.calculate_qkv_matrices(query_input, key_input, value_input)  # [batch, pos, head, d_head]
-        offset, entry, past = 0, past_kv_cache_entry, None
-        if entry is not None:
-            past = entry.past_keys
-            offset = past.size(1)
-            new_k = k
-            k, v = entry.append(k, v)
-        if attn.cfg.positional_embedding_type == "rotary":  # positions are 0, 1, ... (no padding here)
-            q = attn.hook_rot_q(attn.apply_rotary(q, offset))
-            k = _rotated_keys(attn, entry, past, new_k, offset) if entry is not None else attn.hook_rot_k(attn.apply_rotary(k, 0))
-        n_q, n_k = q.shape[1], k.shape[1]
-        # a query at offset + i sees keys 0 .. offset + i
-        mask = None if offset == 0 else (torch.arange(n_k, device=q.device)[None, :]
-                                         <= offset + torch.arange(n_q, device=q.device)[:, None])
-        z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
-                                           attn_mask=mask, is_causal=offset == 0 and n_q > 1,
-                                           scale=1.0 / float(attn.attn_scale), enable_gqa=k.shape[2] != q.shape[2])
-        if argmax is not None:  # the last query's most-attended key per head: the argmax of its scores
-            last = q[:, -1].reshape(q.shape[0], k.shape[2], -1, q.shape[-1])  # [batch, kv head, group, d_head]
-            argmax[attn.layer_id] = torch.einsum("bkgd,btkd->bkgt", last, k.to(q.dtype)).flatten(1, 2).argmax(-1)
+        rotary, entry = attn.cfg.positional_embedding_type == "rotary", past_kv_cache_entry
+        offset = 0 if entry is None else entry.past_keys.size(1)
+        if rotary:  # positions are 0, 1, ... (no padding here)
+            q = attn.hook_rot_q(_rotary(attn, q, offset))
+        if entry is None:
+            keys = attn.hook_rot_k(_rotary(attn, k, 0)) if rotary else k
+            keys, values = keys.transpose(1, 2), v.transpose(1, 2)
+        elif entry.frozen:
+            keys, values = _frozen_keys_values(attn, entry, k, v)
+        else:
+            keys, values = _buffered_keys_values(attn, entry, k, v, offset)
+        q = q.transpose(1, 2)  # [batch, head, query, d_head]; keys and values [batch, kv head, key, d_head]
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
+        scale = 1.0 / float(attn.attn_scale)
+        grouped = q.reshape(q.shape[0], keys.shape[1], -1, *q.shape[2:])  # [batch, kv head, group, query, d_head]
+        if q.shape[2] == 1 and argmax is not None:  # one query (a decoding step): one row of scores per head, its argmax read off it
+            scores = torch.matmul(grouped[:, :, :, 0] * scale, keys.transpose(-1, -2))  # [batch, kv head, group, key]
+            argmax[attn.layer_id] = scores.flatten(1, 2).argmax(-1)
+            z = torch.matmul(scores.float().softmax(-1).to(values.dtype), values).flatten(1, 2)[:, :, None]
+        else:
+            if argmax is not None:  # the last query's most-attended key per head: the argmax of its scores
+                last = torch.matmul(grouped[:, :, :, -1], keys.transpose(-1, -2))
+                argmax[attn.layer_id] = last.flatten(1, 2).argmax(-1)
+            n_q, n_k = q.shape[2], keys.shape[2]
+            # a query at offset + i sees keys 0 .. offset + i
+            mask = None if offset == 0 or n_q == 1 else (torch.arange(n_k, device=q.device)[None, :]
+                                             <= offset + torch.arange(n_q, device=q.device)[:, None])
+            z = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=offset == 0 and n_q > 1, scale=scale,
+                                               enable_gqa=keys.shape[1] != q.shape[1])
         z = attn.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
         w = attn.W_O.reshape(-1, attn.W_O.shape[-1]).T  # [d_model, head x d_head]
         return F.linear(z.reshape(z.shape[0], z.shape[1], -1).to(w.dtype), w, attn.b_O)
@@ -75,18 +87,102 @@ def _fused_forward(attn, original, argmax: dict[int, Tensor] | None):
     return forward
 
 
-def _rotated_keys(attn, entry, past: Tensor, new_k: Tensor, offset: int) -> Tensor:
-    """Every cached key, rotated. TransformerLens caches keys unrotated and rotates all of them at
-    each step; here the entry also keeps them rotated, so a step rotates only its new keys. The
-    rotated copy is used only while it matches the cache's keys (the same tensor, as a fused step
-    left it); otherwise, or when hook_rot_k has a hook (it sees every key), all are rotated."""
-    kept = getattr(entry, "_rotated_for", None)
-    if attn.hook_rot_k.fwd_hooks or kept is not past or entry._rotated.shape[:2] != past.shape[:2]:
-        rotated = attn.hook_rot_k(attn.apply_rotary(torch.cat([past, new_k], 1), 0))
-    else:
-        rotated = torch.cat([entry._rotated, attn.apply_rotary(new_k, offset)], 1)
-    entry._rotated, entry._rotated_for = rotated, entry.past_keys
-    return rotated
+def _rotary(attn, x: Tensor, offset: int) -> Tensor:
+    """TransformerLens's rotary embedding of `x` [batch, pos, head, d_head] at positions offset,
+    offset + 1, ...: x cos + rotate_half(x) sin in four kernels where TransformerLens's takes eight
+    (a clone and two indexed copies to rotate, a final concatenation); its own where the layer
+    rotates only part of each head, pairs adjacent dimensions or needs a longer table."""
+    cfg, n = attn.cfg, x.shape[1]
+    if (cfg.rotary_dim != x.shape[-1] or cfg.rotary_adjacent_pairs or offset + n > attn.rotary_cos.shape[0]
+            or x.device != attn.rotary_cos.device):
+        return attn.apply_rotary(x, offset)
+    cos, sin = attn.rotary_cos[None, offset : offset + n, None], attn.rotary_sin[None, offset : offset + n, None]
+    half = x.shape[-1] // 2
+    return torch.addcmul(x * cos, torch.cat([-x[..., half:], x[..., :half]], -1), sin)
+
+
+def _frozen_keys_values(attn, entry, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """A frozen entry (a prefix shared by many runs) is not extended: its keys and values with the
+    new ones, every key rotated, as TransformerLens does."""
+    keys, values = entry.append(k, v)
+    if attn.cfg.positional_embedding_type == "rotary":
+        keys = attn.hook_rot_k(_rotary(attn, keys, 0))
+    return keys.transpose(1, 2), values.transpose(1, 2)
+
+
+class _Storage:
+    """An entry's keys, values and (rotary) rotated keys, in [batch, kv head, capacity, d_head]
+    tensors filled in place. TransformerLens's entry concatenates its whole cache at every step and
+    rotates every cached key again; here a step writes only its new keys and values (rotating only
+    the new keys), and the entry's past_keys/past_values become views of the filled part, so
+    TransformerLens's own forward and anything else that reads the entry see the usual tensors."""
+
+    def __init__(self, attn, entry, capacity: int):
+        past_k, past_v = entry.past_keys, entry.past_values
+        batch, n, n_kv, d_head = past_k.shape
+        self.keys = past_k.new_empty(batch, n_kv, capacity, d_head)
+        self.values = past_v.new_empty(batch, n_kv, capacity, d_head)
+        self.keys[:, :, :n] = past_k.transpose(1, 2)
+        self.values[:, :, :n] = past_v.transpose(1, 2)
+        self.rotated = None
+        if attn.cfg.positional_embedding_type == "rotary":
+            self.rotated = past_k.new_empty(batch, n_kv, capacity, d_head)
+            self.rotated[:, :, :n] = _rotary(attn, past_k, 0).transpose(1, 2)
+        self.capacity = capacity
+        self.views = (past_k, past_v)
+
+    def holds(self, entry) -> bool:
+        """Whether the entry still holds the views this storage last gave it (nothing replaced them)."""
+        return entry.past_keys is self.views[0] and entry.past_values is self.views[1]
+
+    def append(self, attn, entry, k: Tensor, v: Tensor, offset: int) -> tuple[Tensor, Tensor]:
+        end = offset + k.shape[1]
+        self.keys[:, :, offset:end] = k.transpose(1, 2)
+        self.values[:, :, offset:end] = v.transpose(1, 2)
+        self.views = entry.past_keys, entry.past_values = (self.keys[:, :, :end].transpose(1, 2),
+                                                           self.values[:, :, :end].transpose(1, 2))
+        if self.rotated is None:
+            return self.keys[:, :, :end], self.values[:, :, :end]
+        if attn.hook_rot_k.fwd_hooks:  # a hook on the rotated keys sees (and may change) every key, as in TransformerLens
+            keys = attn.hook_rot_k(_rotary(attn, entry.past_keys, 0)).transpose(1, 2)
+        else:
+            keys = self.rotated[:, :, :end]
+        self.rotated[:, :, offset:end] = _rotary(attn, k, offset).transpose(1, 2)
+        return keys, self.values[:, :, :end]
+
+
+def _buffered_keys_values(attn, entry, k: Tensor, v: Tensor, offset: int) -> tuple[Tensor, Tensor]:
+    """The entry's keys (rotated) and values with the new ones appended, [batch, kv head, key, d_head]."""
+    store, end = getattr(entry, "_workbench_storage", None), offset + k.shape[1]
+    if store is None or not store.holds(entry) or store.capacity < end:
+        entry._workbench_storage = None  # free a stale storage before allocating its successor
+        store = entry._workbench_storage = _Storage(attn, entry, max(end + end // 8 + 16, getattr(entry, "_workbench_reserve", 0)))
+    return store.append(attn, entry, k, v, offset)
+
+
+def reserve(cache, n_tokens: int) -> None:
+    """Size the storage of each of `cache`'s entries for `n_tokens` keys in all, so a decode of known
+    length never reallocates (without it storage grows by an eighth when full)."""
+    for entry in cache.entries:
+        entry._workbench_reserve = n_tokens
+
+
+def _normalised_once(ln, original):
+    """TransformerLens's block normalises the same residual three times, once each for the queries,
+    keys and values; here a repeat of the last input (the same tensor, not modified since) returns
+    the last output, unless a hook on the norm would see each call."""
+    points, last = [m for m in ln.modules() if isinstance(m, HookPoint)], []
+
+    def forward(x):
+        if any(point.fwd_hooks or point.bwd_hooks for point in points):
+            return original(x)
+        if last and last[0] is x and last[1] == x._version:
+            return last[2]
+        out = original(x)
+        last[:] = [x, x._version, out]
+        return out
+
+    return forward
 
 
 @contextmanager
@@ -99,16 +195,19 @@ def sdpa_attention(tl, argmax: dict[int, Tensor] | None = None) -> Iterator[bool
     swapped = []
     try:
         for block in tl.blocks:
-            attn = block.attn
-            swapped.append((attn, "forward" in attn.__dict__, attn.__dict__.get("forward")))
-            attn.forward = _fused_forward(attn, attn.forward, argmax)
+            swapped.append((block.attn, "forward" in block.attn.__dict__, block.attn.__dict__.get("forward")))
+            block.attn.forward = _fused_forward(block.attn, block.attn.forward, argmax)
+            ln1 = getattr(block, "ln1", None)
+            if ln1 is not None and any(isinstance(m, HookPoint) for m in ln1.modules()):
+                swapped.append((ln1, "forward" in ln1.__dict__, ln1.__dict__.get("forward")))
+                ln1.forward = _normalised_once(ln1, ln1.forward)
         yield all(covered(block.attn) for block in tl.blocks)
     finally:
-        for attn, had, before in swapped:
+        for module, had, before in swapped:
             if had:
-                attn.forward = before
+                module.forward = before
             else:
-                del attn.forward
+                del module.forward
 
 
 def fused_attention(fn: Callable) -> Callable:

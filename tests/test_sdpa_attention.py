@@ -6,7 +6,7 @@ import torch
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from circuits.own_hooks import own_hooks
-from circuits.sdpa_attention import covered, sdpa_attention
+from circuits.sdpa_attention import covered, reserve, sdpa_attention
 from conftest import make_toy_tl
 
 SHAPES = {
@@ -57,6 +57,97 @@ def test_prefill_in_chunks_through_a_kv_cache_equals_one_forward(tl):
     assert torch.allclose(torch.cat(parts, 1), expected, atol=1e-5)
 
 
+def _cached_hooks(tl, tokens, hooks=()):
+    """TransformerLens's own forward over all of `tokens`: residual at the last layer, each layer's
+    keys and values, and each query's pattern argmax per head."""
+    keep = lambda n: n.endswith(("attn.hook_k", "attn.hook_v", "attn.hook_pattern"))
+    with torch.no_grad(), own_hooks(tl, list(hooks)):
+        resid, cache = tl.run_with_cache(tokens, stop_at_layer=tl.cfg.n_layers, names_filter=keep)
+    return resid, cache
+
+
+@pytest.mark.parametrize("storage", ["reserved", "growing"])
+def test_decoding_token_by_token_equals_one_forward_and_the_entry_holds_every_key(tl, storage):
+    """A prompt in chunks, then single tokens as a decode feeds them (one query: scores, argmax and
+    softmax computed directly): the residuals, each step's argmax and the entry's keys and values
+    equal one TransformerLens forward over the whole sequence, whether the storage was reserved for
+    the whole length or had to grow several times."""
+    tokens = torch.randint(0, 50, (1, 60), generator=torch.Generator().manual_seed(4))
+    expected, cache_full = _cached_hooks(tl, tokens)
+    cache = TransformerLensKeyValueCache.init_cache(tl.cfg, tokens.device, 1)
+    if storage == "reserved":
+        reserve(cache, 60)
+    parts, steps, argmax = [], [], {}
+    with torch.no_grad(), sdpa_attention(tl, argmax):
+        for start, stop in [(0, 9), (9, 20)] + [(i, i + 1) for i in range(20, 60)]:
+            chunk = tokens[:, start:stop]
+            parts.append(tl(chunk, past_kv_cache=cache, attention_mask=torch.ones_like(chunk), stop_at_layer=tl.cfg.n_layers))
+            steps.append(torch.stack([argmax[layer][0] for layer in range(tl.cfg.n_layers)]))
+    assert torch.allclose(torch.cat(parts, 1), expected, atol=1e-5)
+    for step, stop in enumerate([9, 20] + list(range(21, 61))):
+        pattern_argmax = torch.stack([cache_full["pattern", layer][0, :, stop - 1].argmax(-1) for layer in range(tl.cfg.n_layers)])
+        assert torch.equal(steps[step], pattern_argmax)
+    for layer, entry in enumerate(cache.entries):
+        assert torch.allclose(entry.past_keys, cache_full["k", layer], atol=1e-5)
+        assert torch.allclose(entry.past_values, cache_full["v", layer], atol=1e-5)
+    sizes = {entry._workbench_storage.capacity for entry in cache.entries}
+    assert sizes == {60} if storage == "reserved" else min(sizes) > 60
+
+
+def test_an_entry_replaced_from_outside_or_frozen_is_read_as_it_stands(tl):
+    """Entries another caller replaced (a batch of caches stacked, rows dropped) are read afresh, not
+    from stale storage; a frozen prefix shared by several continuations is never extended."""
+    tokens = torch.randint(0, 50, (2, 30), generator=torch.Generator().manual_seed(5))
+    expected, _ = _cached_hooks(tl, tokens)
+    with torch.no_grad(), sdpa_attention(tl):
+        cache = TransformerLensKeyValueCache.init_cache(tl.cfg, tokens.device, 2)
+        tl(tokens[:, :20], past_kv_cache=cache, attention_mask=torch.ones_like(tokens[:, :20]), stop_at_layer=tl.cfg.n_layers)
+        for entry in cache.entries:  # keep the second row only, as a batch that drops a finished row does
+            entry.past_keys, entry.past_values = entry.past_keys[1:].clone(), entry.past_values[1:].clone()
+        cache.previous_attention_mask = cache.previous_attention_mask[1:]
+        rest = tokens[1:, 20:]
+        resid = tl(rest, past_kv_cache=cache, attention_mask=torch.ones_like(rest), stop_at_layer=tl.cfg.n_layers)
+        assert torch.allclose(resid, expected[1:, 20:], atol=1e-5)
+
+        prefix = TransformerLensKeyValueCache.init_cache(tl.cfg, tokens.device, 2)
+        tl(tokens[:, :12], past_kv_cache=prefix, attention_mask=torch.ones_like(tokens[:, :12]), stop_at_layer=tl.cfg.n_layers)
+        prefix.freeze()
+        for stop in (13, 30, 16):
+            suffix = tokens[:, 12:stop]
+            resid = tl(suffix, past_kv_cache=prefix, attention_mask=torch.ones_like(suffix), stop_at_layer=tl.cfg.n_layers)
+            assert torch.allclose(resid, expected[:, 12:stop], atol=1e-5)
+        assert all(entry.past_keys.shape[1] == 12 for entry in prefix.entries)
+
+
+def test_a_hook_on_the_rotated_keys_sees_every_key_as_in_transformer_lens(tl):
+    """Through a KV cache TransformerLens rotates every cached key at each step and hook_rot_k sees
+    them all; the fused forward keeps rotated keys, but with a hook there it hands the hook every key."""
+    if tl.cfg.positional_embedding_type != "rotary":
+        pytest.skip("no rotary keys in this shape")
+    tokens = torch.randint(0, 50, (1, 20), generator=torch.Generator().manual_seed(6))
+
+    def halve_head_0(act, hook):
+        act[:, :, 0] = act[:, :, 0] / 2
+        return act
+
+    def decode(fused: bool):
+        lengths, cache = [], TransformerLensKeyValueCache.init_cache(tl.cfg, tokens.device, 1)
+        hooks = [("blocks.1.attn.hook_rot_k", halve_head_0),
+                 ("blocks.1.attn.hook_rot_k", lambda act, hook: lengths.append(act.shape[1]))]
+        parts = []
+        with torch.no_grad(), own_hooks(tl, hooks), sdpa_attention(tl) if fused else torch.no_grad():
+            for start, stop in [(0, 12)] + [(i, i + 1) for i in range(12, 20)]:
+                chunk = tokens[:, start:stop]
+                parts.append(tl(chunk, past_kv_cache=cache, attention_mask=torch.ones_like(chunk), stop_at_layer=tl.cfg.n_layers))
+        return torch.cat(parts, 1), lengths
+
+    (fused, seen), (reference, seen_reference) = decode(True), decode(False)
+    assert seen == seen_reference == [12] + list(range(13, 21))
+    assert torch.allclose(fused, reference, atol=1e-5)
+    plain, _ = _cached_hooks(tl, tokens)
+    assert (plain - reference).abs().max() > 1e-3  # the hook did change the output
+
+
 def test_query_hooks_still_act_and_a_hooked_pattern_keeps_transformer_lens_forward(tl):
     tokens = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(2))
 
@@ -76,3 +167,18 @@ def test_query_hooks_still_act_and_a_hooked_pattern_keeps_transformer_lens_forwa
     assert patterns == [(2, tl.cfg.n_heads, 16, 16)]  # the hooked layer computed its pattern
     unmasked, _ = _z(tl, tokens)
     assert (unmasked - expected).abs().max() > 1e-3  # the query hook did change the output
+
+
+@pytest.mark.parametrize("layout", [dict(rotary_dim=8), dict(rotary_dim=4), dict(rotary_dim=8, rotary_adjacent_pairs=True)])
+def test_the_rotary_embedding_equals_transformer_lens_at_every_offset(layout):
+    """Whole-head rotary is computed in fewer kernels; partial rotary and adjacent pairs go through
+    TransformerLens's own."""
+    from circuits.sdpa_attention import _rotary
+
+    tl = make_toy_tl(n_layers=1, seed=3, positional_embedding_type="rotary", n_ctx=16, **layout)
+    attn = tl.blocks[0].attn
+    x = torch.randn(2, 5, tl.cfg.n_heads, tl.cfg.d_head, generator=torch.Generator().manual_seed(0))
+    for offset in (0, 7, 11):  # up to the end of the context
+        expected = attn.apply_rotary(x, offset)
+        assert torch.allclose(_rotary(attn, x, offset), expected, atol=1e-6)
+    assert not torch.allclose(_rotary(attn, x, 3), _rotary(attn, x, 4), atol=1e-3)  # the offset matters
