@@ -11,7 +11,8 @@ measured time over that floor (1.0 would be every cycle on useful arithmetic).
 - `sweep`: the all-positions head sweep (exact patching of every head's output), ours against
   TransformerLens's `get_act_patch_attn_head_out_all_pos` (one full forward per head; timed on a
   sample of heads and extrapolated, it is linear in them), 16 prompts;
-- `atp`: attribution patching of every head, in forward-equivalents (its time over one forward);
+- `atp`: attribution patching of every head, in forward-equivalents (its time over one forward,
+  and its kernels over one forward's);
 - `retrieval`: retrieval-head scoring (greedy decode reading every head's attention argmax) against
   Hugging Face's greedy `generate` with SDPA attention on the same weights: time and peak memory,
   and the kernels one decoding step launches;
@@ -175,6 +176,10 @@ def atp(args, rates) -> None:
         ours = timed(lambda: attribution_patch(model, task, ("z",)), args.device, repeats=3)
         row(f"attribution patching, {shape} shape, {n_tokens} tokens, {dtype}: {ours / forward:.2f} forwards "
             f"(one forward {forward:.4f} s)", ours)
+        with torch.no_grad():
+            forward_k = kernels(lambda: model.tl(tokens))
+        atp_k = kernels(lambda: attribution_patch(model, task, ("z",)))
+        print(f"    kernels: attribution patching {atp_k}, one forward {forward_k} ({atp_k / forward_k:.2f} forwards)", flush=True)
         del model
 
 
@@ -220,16 +225,10 @@ VIEWS = {"view", "slice", "unsqueeze", "transpose", "permute", "t", "expand", "_
          "as_strided", "_reshape_alias", "detach", "squeeze", "split", "unbind", "_local_scalar_dense", "lift_fresh"}
 
 
-def decode_step_kernels(model, hf, prompt: list[int]) -> tuple[int, int]:
-    """Operators one decoding step dispatches that compute something (view operators aside): on a
-    GPU each is a kernel launch, which is what a short decoding step waits on. Ours with argmax
-    tracking, against Hugging Face's forward with its own cache."""
+def kernels(fn) -> int:
+    """Operators `fn` dispatches that compute something (view operators aside): on a GPU each is a
+    kernel launch, which is what short work waits on whatever the device's speed."""
     from torch.utils._python_dispatch import TorchDispatchMode
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
-    from circuits.patching import unembed_final
-    from circuits.retrieval import prefill
-    from circuits.sdpa_attention import reserve
 
     class Count(TorchDispatchMode):
         n = 0
@@ -238,18 +237,29 @@ def decode_step_kernels(model, hf, prompt: list[int]) -> tuple[int, int]:
             self.n += func.overloadpacket.__name__ not in VIEWS
             return func(*args, **(kwargs or {}))
 
+    with Count() as count:
+        fn()
+    return count.n
+
+
+def decode_step_kernels(model, hf, prompt: list[int]) -> tuple[int, int]:
+    """Kernels of one decoding step: ours with argmax tracking, Hugging Face's forward with its own cache."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    from circuits.patching import unembed_final
+    from circuits.retrieval import prefill
+    from circuits.sdpa_attention import reserve
+
     x, token = torch.tensor([prompt], device=model.device), torch.tensor([[prompt[-1]]], device=model.device)
     with torch.no_grad():
         cache = TransformerLensKeyValueCache.init_cache(model.tl.cfg, model.device, 1)
         reserve(cache, len(prompt) + 2)
         argmax: dict = {}
         prefill(model, x, cache, argmax)
-        with Count() as ours:
-            unembed_final(model.tl, prefill(model, token, cache, argmax)[:, -1:])
+        ours = kernels(lambda: unembed_final(model.tl, prefill(model, token, cache, argmax)[:, -1:]))
         past = hf(x, use_cache=True).past_key_values
-        with Count() as ref:
-            hf(token, past_key_values=past, use_cache=True, logits_to_keep=1)
-    return ours.n, ref.n
+        ref = kernels(lambda: hf(token, past_key_values=past, use_cache=True, logits_to_keep=1))
+    return ours, ref
 
 
 def eap(args, rates) -> None:
