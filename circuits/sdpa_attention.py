@@ -42,9 +42,11 @@ def covered(attn) -> bool:
             and not any(point.fwd_hooks or point.bwd_hooks for point in (attn.hook_attn_scores, attn.hook_pattern)))
 
 
-def _fused_forward(attn, original, argmax: dict[int, Tensor] | None):
+def _fused_forward(attn, original, argmax: dict[int, Tensor] | None, forget: Callable[[], None] | None = None):
     def forward(query_input, key_input, value_input, past_kv_cache_entry=None, additive_attention_mask=None,
                 attention_mask=None, position_bias=None):
+        if forget is not None:  # the block's inputs are normalised: let its norm drop what it kept
+            forget()
         padded = attention_mask is not None and not bool(attention_mask.all())
         if additive_attention_mask is not None or position_bias is not None or padded or not covered(attn):
             return original(query_input, key_input, value_input, past_kv_cache_entry=past_kv_cache_entry,
@@ -170,7 +172,8 @@ def reserve(cache, n_tokens: int) -> None:
 def _normalised_once(ln, original):
     """TransformerLens's block normalises the same residual three times, once each for the queries,
     keys and values; here a repeat of the last input (the same tensor, not modified since) returns
-    the last output, unless a hook on the norm would see each call."""
+    the last output, unless a hook on the norm would see each call. What it keeps is dropped when
+    the block's attention starts (`forward.forget`)."""
     points, last = [m for m in ln.modules() if isinstance(m, HookPoint)], []
 
     def forward(x):
@@ -182,6 +185,7 @@ def _normalised_once(ln, original):
         last[:] = [x, x._version, out]
         return out
 
+    forward.forget = last.clear  # called by the block's attention, so no layer's norm outlives its block
     return forward
 
 
@@ -195,12 +199,13 @@ def sdpa_attention(tl, argmax: dict[int, Tensor] | None = None) -> Iterator[bool
     swapped = []
     try:
         for block in tl.blocks:
-            swapped.append((block.attn, "forward" in block.attn.__dict__, block.attn.__dict__.get("forward")))
-            block.attn.forward = _fused_forward(block.attn, block.attn.forward, argmax)
-            ln1 = getattr(block, "ln1", None)
+            ln1, forget = getattr(block, "ln1", None), None
             if ln1 is not None and any(isinstance(m, HookPoint) for m in ln1.modules()):
                 swapped.append((ln1, "forward" in ln1.__dict__, ln1.__dict__.get("forward")))
                 ln1.forward = _normalised_once(ln1, ln1.forward)
+                forget = ln1.forward.forget
+            swapped.append((block.attn, "forward" in block.attn.__dict__, block.attn.__dict__.get("forward")))
+            block.attn.forward = _fused_forward(block.attn, block.attn.forward, argmax, forget)
         yield all(covered(block.attn) for block in tl.blocks)
     finally:
         for module, had, before in swapped:

@@ -182,3 +182,36 @@ def test_the_rotary_embedding_equals_transformer_lens_at_every_offset(layout):
         expected = attn.apply_rotary(x, offset)
         assert torch.allclose(_rotary(attn, x, offset), expected, atol=1e-6)
     assert not torch.allclose(_rotary(attn, x, 3), _rotary(attn, x, 4), atol=1e-3)  # the offset matters
+
+
+def test_each_block_normalises_its_residual_once_and_keeps_nothing_after_its_attention():
+    """TransformerLens normalises a block's residual three times (queries, keys, values); inside the
+    fused block it is normalised once, the result dropped once the attention has it, and a hook on
+    the norm sees every call, as in TransformerLens."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    tl = make_toy_tl(n_layers=3, seed=8, **SHAPES["rotary-gqa-rms"])
+    tokens = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(9))
+
+    class Powers(TorchDispatchMode):  # RMS normalisation squares its input once per call
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.overloadpacket.__name__ == "pow"
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad():
+        expected = tl(tokens)
+        with Powers() as plain:
+            tl(tokens)
+        seen = []
+        with sdpa_attention(tl):
+            with Powers() as fused:
+                logits = tl(tokens)
+            assert all(block.ln1.forward.forget.__self__ == [] for block in tl.blocks)
+            with own_hooks(tl, [("blocks.0.ln1.hook_normalized", lambda act, hook: seen.append(act.shape))]):
+                hooked = tl(tokens)
+    n = tl.cfg.n_layers
+    assert plain.n == 4 * n + 1 and fused.n == 2 * n + 1  # ln1 three times, ln2, ln_final
+    assert torch.allclose(logits, expected, atol=1e-5) and torch.allclose(hooked, expected, atol=1e-5)
+    assert len(seen) == 3
