@@ -10,7 +10,8 @@ measured time over that floor (1.0 would be every cycle on useful arithmetic).
 
 - `sweep`: the all-positions head sweep (exact patching of every head's output), ours against
   TransformerLens's `get_act_patch_attn_head_out_all_pos` (one full forward per head; timed on a
-  sample of heads and extrapolated, it is linear in them), 16 prompts;
+  sample of heads and extrapolated, it is linear in them), 16 prompts; and the kernels one
+  by-position group (a layer, a position, every head) launches;
 - `atp`: attribution patching of every head, in forward-equivalents (its time over one forward,
   and its kernels over one forward's);
 - `retrieval`: retrieval-head scoring (greedy decode reading every head's attention argmax) against
@@ -137,6 +138,11 @@ def sweep(args, rates) -> None:
             run = PatchingRun(model, task, activations=("z",))
             indices = head_indices(model, "z", n_tokens, False)
             ours = timed(lambda: run.run("z", indices, progress=False), args.device)
+            layer, pos = model.n_layers // 3, n_tokens // 2  # one by-position group: what each of them costs in launches
+            group = [i for i in head_indices(model, "z", n_tokens, True) if i.layer == layer and i.pos == pos]
+            with torch.no_grad():
+                group_k = kernels(lambda: run.run("z", group, progress=False))
+            print(f"    kernels of one by-position group (layer {layer}, position {pos}, every head): {group_k}", flush=True)
             rows = torch.arange(len(task), device=model.device)
 
             def metric(logits):
