@@ -320,11 +320,13 @@ def decode_masked(model, test: NeedleTest, drop: Tensor, mask: str, means, param
     caches, nxt = [], []
     for row in range(len(drop)):
         cache = TransformerLensKeyValueCache.init_cache(tl.cfg, model.device, 1)
+        reserve(cache, len(test.prompt))  # stacked below into a new cache
         with own_hooks(tl, mask_hooks(model, drop[row : row + 1], mask, means)):
             resid = prefill(model, x, cache)
         caches.append(cache)
         nxt.append(int(unembed_final(tl, resid[:, -1:])[0, -1].argmax()))
     cache, active, outs = _stack_caches(caches), list(range(len(drop))), [[] for _ in range(len(drop))]
+    reserve(cache, len(test.prompt) + params.max_new_tokens)
     while True:
         keep = []
         for j, (row, token) in enumerate(zip(active, nxt)):
