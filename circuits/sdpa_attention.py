@@ -185,7 +185,12 @@ def _normalised_once(ln, original):
         last[:] = [x, x._version, out]
         return out
 
-    forward.forget = last.clear  # called by the block's attention, so no layer's norm outlives its block
+    def forget():  # called by the block's attention, so no layer's norm outlives its block
+        last.clear()
+        if hasattr(original, "forget"):  # an enclosing block's memo, which that block's attention never reaches
+            original.forget()
+
+    forward.forget = forget
     return forward
 
 
