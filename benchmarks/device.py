@@ -15,11 +15,12 @@ measured time over that floor (1.0 would be every cycle on useful arithmetic).
 - `atp`: attribution patching of every head, in forward-equivalents (its time over one forward,
   and its kernels over one forward's);
 - `retrieval`: retrieval-head scoring (greedy decode reading every head's attention argmax) against
-  Hugging Face's greedy `generate` with SDPA attention on the same weights: time and peak memory,
-  and the kernels one decoding step launches;
+  Hugging Face's greedy `generate` with SDPA attention on the same weights: time and peak memory
+  (on the CPU, where no allocator keeps a peak, the peak of tensors alive), and the kernels one
+  decoding step launches;
 - `eap`: EAP and EAP-IG (5 steps) over every edge of the GPT-2-small shape, 1,000 prompts;
-- `long`: every method family on one long prompt (8k tokens on the 135M shape, 4k on the 1B shape):
-  seconds and peak memory;
+- `long`: every method family on one long prompt (8k tokens on the 135M shape, 4k on the 1B shape;
+  `--cpu-long` tokens on the CPU): seconds and peak memory, beside one layer's whole pattern;
 - `fused`: fused attention (`circuits.sdpa_attention`) against TransformerLens's own attention, a
   forward and a forward + backward at 17, 128 and 1,024 tokens.
 """
@@ -30,6 +31,8 @@ import argparse
 import time
 
 import torch
+
+from workbench.device_memory import peak_tensor_bytes
 
 ROWS: list[tuple] = []
 
@@ -211,13 +214,14 @@ def retrieval(args, rates) -> None:
 
         ours(), reference()  # warm-up
         if args.device == "cpu":  # alternated, best of three each: a 2-core machine's speed drifts between runs
-            t_ours, t_ref, memory = float("inf"), float("inf"), ""
+            t_ours, t_ref = float("inf"), float("inf")
             for _ in range(3):
                 t_ours, t_ref = min(t_ours, timed(ours, args.device, warmup=0)), min(t_ref, timed(reference, args.device, warmup=0))
+            (_, m_ours), (_, m_ref) = peak_tensor_bytes(ours), peak_tensor_bytes(reference)  # untimed: counting slows each operator
         else:
             t_ours, m_ours = peak_bytes(ours, args.device)
             t_ref, m_ref = peak_bytes(reference, args.device)
-            memory = f"peak {m_ours / 2**20:.0f} MiB vs {m_ref / 2**20:.0f} MiB ({m_ours / m_ref:.2f}x)"
+        memory = f"peak {m_ours / 2**20:.0f} MiB vs {m_ref / 2**20:.0f} MiB ({m_ours / m_ref:.2f}x)"
         row(f"retrieval scoring, {shape} shape, {n_tokens} tokens + {n_new}, {dtype}", t_ours, t_ref,
             "HF generate (SDPA)", None, memory)
         print(f"    time ours / HF: {t_ours / t_ref:.2f}", flush=True)
@@ -287,7 +291,10 @@ def eap(args, rates) -> None:
 
 
 def long(args, rates) -> None:
-    """Every method family on one long prompt: seconds and peak memory (CUDA), or seconds (CPU)."""
+    """Every method family on one long prompt: seconds and peak memory (on the CPU the peak of
+    tensors alive, counted in a second, untimed run; head patching there patches layer 0's heads
+    only, the same batches as the whole sweep's first). Beside it, one layer's whole attention
+    pattern, which no method may hold."""
     from circuits.attribution import dla_components
     from circuits.attribution_patching import attribution_patch
     from circuits.heads import detector_scores, sink_stats
@@ -295,16 +302,20 @@ def long(args, rates) -> None:
     from circuits.retrieval import greedy_generate
 
     cases = [("smollm2-135m", 8192 - 32, "bfloat16"), ("llama-3.2-1b", 4096, "bfloat16")]  # 8k: the 32 decoded fit n_ctx
-    if args.device == "cpu":
+    cpu = args.device == "cpu"
+    if cpu:
         cases = [("smollm2-135m", args.cpu_long, "float32")]
     for shape, n_tokens, dtype in cases:
         model = load(shape, dtype, args.device)
         task = random_task(model, 1, n_tokens)
         tokens, lengths = task.tokens("clean", device=model.device)
+        pattern = model.n_heads * n_tokens**2 * torch.finfo(model.tl.cfg.dtype).bits // 8
+        print(f"{shape} shape, {n_tokens} tokens, {dtype}: one layer's whole pattern {pattern / 2**30:.2f} GiB", flush=True)
+        heads = head_indices(model, "z", n_tokens, False)[: model.n_heads if cpu else None]
         families = {
             "forward": lambda: model.tl(tokens),
-            "head patching (all positions)": lambda: PatchingRun(model, task, activations=("z",)).run(
-                "z", head_indices(model, "z", n_tokens, False), progress=False),
+            f"head patching (all positions{', layer 0' if cpu else ''})": lambda: PatchingRun(
+                model, task, activations=("z",)).run("z", heads, progress=False),
             "attribution patching": lambda: attribution_patch(model, task, ("z",)),
             "direct logit attribution": lambda: dla_components(model, task, 1),
             "detectors": lambda: detector_scores(model, tokens, lengths, batch_size=1),
@@ -317,11 +328,11 @@ def long(args, rates) -> None:
                 with torch.no_grad() if name != "attribution patching" else torch.enable_grad():
                     fn()
             try:
-                if args.device == "cpu":
-                    seconds, memory = timed(call, args.device, warmup=0), ""
+                if cpu:
+                    seconds, (_, peak) = timed(call, args.device, warmup=0), peak_tensor_bytes(call)
                 else:
                     seconds, peak = peak_bytes(call, args.device)
-                    memory = f"peak {peak / 2**30:.2f} GiB"
+                memory = f"peak {peak / 2**30:.2f} GiB ({peak / pattern:.2f} of a layer's pattern)"
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 print(f"{name}, {shape} shape, {n_tokens} tokens: out of device memory", flush=True)

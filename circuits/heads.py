@@ -43,12 +43,13 @@ def head_frame(model, values: Tensor, metric: str) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------
 
 
-def detection_patterns(tokens: Int[Tensor, "batch pos"]) -> dict[str, Bool[Tensor, "batch query key"]]:
-    """TransformerLens's detection patterns, batched: where each head type should attend."""
-    n = tokens.shape[1]
-    q = torch.arange(n, device=tokens.device)[:, None]
-    k = torch.arange(n, device=tokens.device)[None, :]
-    duplicate = (tokens[:, :, None] == tokens[:, None, :]) & (k < q)
+def detection_patterns(tokens: Int[Tensor, "batch pos"], queries: slice | None = None) -> dict[str, Bool[Tensor, "batch query key"]]:
+    """TransformerLens's detection patterns, batched: where each head type should attend; for the
+    queries at `queries` (default: all) against keys 0 .. queries.stop - 1."""
+    queries = queries or slice(0, tokens.shape[1])
+    q = torch.arange(queries.start, queries.stop, device=tokens.device)[:, None]
+    k = torch.arange(queries.stop, device=tokens.device)[None, :]
+    duplicate = (tokens[:, queries, None] == tokens[:, None, : queries.stop]) & (k < q)
     induction = torch.zeros_like(duplicate)
     induction[:, :, 1:] = duplicate[:, :, :-1]  # attend to the token after an earlier copy of the current one
     previous = (k == q - 1).expand_as(duplicate)
@@ -59,24 +60,28 @@ def detection_patterns(tokens: Int[Tensor, "batch pos"]) -> dict[str, Bool[Tenso
 def detector_scores(model, tokens: Int[Tensor, "batch pos"], lengths: Int[Tensor, "batch"],
                     exclude_bos: bool = False, exclude_current_token: bool = False,
                     batch_size: int = 16) -> dict[str, Tensor]:
-    """{detector: [n_layers, n_heads]} mean over prompts of TransformerLens's "mul" score."""
-    sums = {d: torch.zeros(model.n_layers, model.n_heads) for d in DETECTORS}
+    """{detector: [n_layers, n_heads]} mean over prompts of TransformerLens's "mul" score: a
+    prompt's attention on the detection pattern over its total attention (the sums taken over
+    every block of queries before dividing)."""
+    shape = (tokens.shape[0], model.n_layers, model.n_heads)
+    on = {d: torch.zeros(shape, dtype=torch.float64) for d in DETECTORS}
+    total = torch.zeros(shape, dtype=torch.float64)
 
-    def fn(layer, pattern, valid, rows):
+    def fn(layer, pattern, valid, rows, queries):
         p = pattern.float()
         if exclude_bos or exclude_current_token:
             p = p.clone()
             if exclude_bos:
                 p[..., 0] = 0
-            if exclude_current_token:
-                p.diagonal(dim1=-2, dim2=-1).zero_()
-        p = p * valid[:, None, :, None]
-        total = p.sum((-2, -1))  # [batch, head]
-        for name, det in detection_patterns(tokens[rows, : p.shape[-1]]).items():
-            sums[name][layer] += ((p * det[:, None]).sum((-2, -1)) / total).sum(0).cpu()
+            if exclude_current_token:  # key index = query position
+                p[..., torch.arange(p.shape[-2]), torch.arange(queries.start, queries.stop)] = 0
+        p = p * valid[:, None, queries, None]
+        total[rows, layer] += p.sum((-2, -1)).cpu()  # [batch, head]
+        for name, det in detection_patterns(tokens[rows, : valid.shape[1]], queries).items():
+            on[name][rows, layer] += (p * det[:, None]).sum((-2, -1)).cpu()
 
     for_each_pattern(model, tokens, lengths, fn, batch_size, desc="head detectors")
-    return {d: s / tokens.shape[0] for d, s in sums.items()}
+    return {d: (on[d] / total).mean(0).float() for d in DETECTORS}
 
 
 @torch.no_grad()
@@ -155,14 +160,15 @@ def sink_stats(model, tokens: Int[Tensor, "batch pos"], lengths: Int[Tensor, "ba
         # mean over queries q >= k of 1 / (q + 1)
         uniform_sum[:length] += (torch.flip(torch.cumsum(torch.flip(1 / (q + 1), [0]), 0), [0]) / (length - q)).float()
 
-    def fn(layer, pattern, valid, rows):
-        p = pattern.float() * valid[:, None, :, None]
-        width = p.shape[-1]
-        seen_by = valid.sum(1, keepdim=True) - torch.arange(width, device=p.device)[None, :]  # queries q >= k
+    def fn(layer, pattern, valid, rows, queries):
+        p = pattern.float() * valid[:, None, queries, None]
+        keys = p.shape[-1]
+        seen_by = valid.sum(1, keepdim=True) - torch.arange(keys, device=p.device)[None, :]  # queries q >= k
         seen_by = seen_by.clamp(min=1)
-        alpha_sum[layer, :, :width] += (p.sum(-2) / seen_by[:, None, :]).sum(0).cpu()
-        scaled = p * torch.arange(1, width + 1, device=p.device)[None, None, :, None]  # p * (q + 1): 1 under uniform
-        received[rows, :width] += (scaled.sum(-2).sum(1) / seen_by).cpu()
+        alpha_sum[layer, :, :keys] += (p.sum(-2) / seen_by[:, None, :]).sum(0).cpu()
+        # p * (q + 1): 1 under uniform attention
+        scaled = p * torch.arange(queries.start + 1, queries.stop + 1, device=p.device)[None, None, :, None]
+        received[rows, :keys] += (scaled.sum(-2).sum(1) / seen_by).cpu()
 
     for_each_pattern(model, tokens, lengths, fn, batch_size, desc="attention sinks")
     alpha = alpha_sum / prompts_per_key.clamp(min=1)
@@ -267,10 +273,10 @@ def distance_profile(model, task, params: DistanceParams, ctx) -> Result:
     hist = torch.zeros(model.n_layers, model.n_heads, len(labels), dtype=torch.float64)
     n_queries = int(lengths.sum())
 
-    def fn(layer, pattern, valid, rows):
-        p = pattern.double() * valid[:, None, :, None]
-        width = p.shape[-1]
-        d = (torch.arange(width)[:, None] - torch.arange(width)[None, :]).clamp(min=0).to(p.device, torch.float64)
+    def fn(layer, pattern, valid, rows, queries):
+        p = pattern.double() * valid[:, None, queries, None]
+        d = (torch.arange(queries.start, queries.stop)[:, None] - torch.arange(p.shape[-1])[None, :]).clamp(min=0)
+        d = d.to(p.device, torch.float64)
         mean_sum[layer] += (p * d).sum((0, 2, 3)).cpu()
         sq_sum[layer] += (p * d**2).sum((0, 2, 3)).cpu()
         bins = torch.where(d > 0, torch.floor(torch.log2(d.clamp(min=1))) + 1, torch.zeros_like(d)).long()

@@ -51,9 +51,9 @@ def attention_patterns(model, task, params: PatternParams, ctx) -> Result:
     patterns = torch.zeros(n, model.n_layers, model.n_heads, width, width)
     entropy = torch.zeros(model.n_layers, model.n_heads)
 
-    def keep(layer, pattern, valid, rows):
-        p = pattern.float() * valid[:, None, :, None]
-        patterns[rows, layer, :, : p.shape[-2], : p.shape[-1]] = p.cpu()
+    def keep(layer, pattern, valid, rows, queries):
+        p = pattern.float() * valid[:, None, queries, None]
+        patterns[rows, layer, :, queries, : p.shape[-1]] = p.cpu()
         ent = -(p * p.clamp(min=1e-12).log()).sum(-1)  # [batch, head, query]
         entropy[layer] += (ent.sum(-1) / valid.sum(-1, keepdim=True)).sum(0).cpu()
 

@@ -72,7 +72,11 @@ def prefill(model, x: Tensor, cache, argmax: dict[int, Tensor] | None = None) ->
     cfg, n_new = model.tl.cfg, x.shape[1]
     n_keys = n_new + cache.entries[0].past_keys.shape[1]
     with sdpa_attention(model.tl, argmax) as fused:
-        per_query = x.shape[0] * (forward_bytes_per_token(cfg, 0) if fused else cfg.n_heads * n_keys * torch.finfo(cfg.dtype).bits // 8)
+        width = torch.finfo(cfg.dtype).bits // 8
+        # fused: a layer's activations, and the chunk's causal mask against every key (boolean, and
+        # as scores' dtype inside the kernel); else every head's scores
+        per_query = (x.shape[0] * forward_bytes_per_token(cfg, 0) + n_keys * (1 + width) if fused
+                     else x.shape[0] * cfg.n_heads * n_keys * width)
         step = max(16, PREFILL_BYTES // per_query)
         for start in range(0, n_new, step):
             # an explicit mask: TransformerLens would otherwise treat pad-token ids in the prompt as padding

@@ -42,7 +42,11 @@ def covered(attn) -> bool:
             and not any(point.fwd_hooks or point.bwd_hooks for point in (attn.hook_attn_scores, attn.hook_pattern)))
 
 
-def _fused_forward(attn, original, argmax: dict[int, Tensor] | None, forget: Callable[[], None] | None = None):
+QueriesKeys = Callable[[int, Tensor, Tensor, float], None]  # (layer, queries, keys, scale)
+
+
+def _fused_forward(attn, original, argmax: dict[int, Tensor] | None, forget: Callable[[], None] | None = None,
+                   queries_keys: QueriesKeys | None = None):
     def forward(query_input, key_input, value_input, past_kv_cache_entry=None, additive_attention_mask=None,
                 attention_mask=None, position_bias=None):
         if forget is not None:  # the block's inputs are normalised: let its norm drop what it kept
@@ -67,6 +71,8 @@ def _fused_forward(attn, original, argmax: dict[int, Tensor] | None, forget: Cal
         q = q.transpose(1, 2)  # [batch, head, query, d_head]; keys and values [batch, kv head, key, d_head]
         keys, values = keys.to(q.dtype), values.to(q.dtype)
         scale = 1.0 / float(attn.attn_scale)
+        if queries_keys is not None:
+            queries_keys(attn.layer_id, q, keys, scale)
         grouped = q.reshape(q.shape[0], keys.shape[1], -1, *q.shape[2:])  # [batch, kv head, group, query, d_head]
         if q.shape[2] == 1 and argmax is not None:  # one query (a decoding step): one row of scores per head, its argmax read off it
             scores = torch.matmul(grouped[:, :, :, 0] * scale, keys.transpose(-1, -2))  # [batch, kv head, group, key]
@@ -158,7 +164,8 @@ def _buffered_keys_values(attn, entry, k: Tensor, v: Tensor, offset: int) -> tup
     store, end = getattr(entry, "_workbench_storage", None), offset + k.shape[1]
     if store is None or not store.holds(entry) or store.capacity < end:
         entry._workbench_storage = None  # free a stale storage before allocating its successor
-        store = entry._workbench_storage = _Storage(attn, entry, max(end + end // 8 + 16, getattr(entry, "_workbench_reserve", 0)))
+        reserved = getattr(entry, "_workbench_reserve", 0)
+        store = entry._workbench_storage = _Storage(attn, entry, reserved if reserved >= end else end + end // 8 + 16)
     return store.append(attn, entry, k, v, offset)
 
 
@@ -195,12 +202,15 @@ def _normalised_once(ln, original):
 
 
 @contextmanager
-def sdpa_attention(tl, argmax: dict[int, Tensor] | None = None) -> Iterator[bool]:
+def sdpa_attention(tl, argmax: dict[int, Tensor] | None = None, queries_keys: QueriesKeys | None = None) -> Iterator[bool]:
     """Within the block, every attention layer the fused forward covers runs it (checked again at
     each call, so a pattern hook added inside the block falls back). Yields whether all layers
     are covered now, so callers can size their chunks for a forward with no score matrices. With
     `argmax`, each fused layer also records, by layer, its last query's most-attended key
-    ([batch, head]; the pattern's argmax, read from the scores without the softmax)."""
+    ([batch, head]; the pattern's argmax, read from the scores without the softmax). With
+    `queries_keys`, each fused layer hands it (layer, queries [batch, head, query, d_head], keys
+    [batch, kv head, key, d_head], scale): the rotated queries and keys its scores are made of, so a
+    caller can compute the pattern in blocks of its own choosing."""
     swapped = []
     try:
         for block in tl.blocks:
@@ -210,7 +220,7 @@ def sdpa_attention(tl, argmax: dict[int, Tensor] | None = None) -> Iterator[bool
                 ln1.forward = _normalised_once(ln1, ln1.forward)
                 forget = ln1.forward.forget
             swapped.append((block.attn, "forward" in block.attn.__dict__, block.attn.__dict__.get("forward")))
-            block.attn.forward = _fused_forward(block.attn, block.attn.forward, argmax, forget)
+            block.attn.forward = _fused_forward(block.attn, block.attn.forward, argmax, forget, queries_keys)
         yield all(covered(block.attn) for block in tl.blocks)
     finally:
         for module, had, before in swapped:

@@ -16,6 +16,7 @@ from transformer_lens.head_detector import (
 
 from conftest import make_toy_tl
 from toy_circuits import make_induction_toy
+from workbench.device_memory import peak_tensor_bytes
 from workbench.errors import WorkbenchError
 from workbench.runner import run_method
 from workbench.store import Store
@@ -54,15 +55,31 @@ def random_toy():
 
 
 @pytest.fixture(scope="module")
+def soft_capped_toy():
+    """Scores soft-capped: a configuration fused attention does not cover, so TransformerLens's own
+    whole pattern is read."""
+    return from_hooked_transformer(make_toy_tl(n_layers=2, seed=12, attn_only=False, attn_scores_soft_cap=5.0), "toy-capped")
+
+
+@pytest.fixture(scope="module")
 def wired():
     return from_hooked_transformer(make_induction_toy(), "wired-induction")
 
 
+@pytest.fixture(params=["whole", "query-by-query"])
+def query_blocks(request, monkeypatch):
+    """Patterns read whole or one query row at a time (the smallest budget): results must agree."""
+    if request.param == "query-by-query":
+        monkeypatch.setattr("circuits.attention_pass.PATTERN_BYTES", 1)
+    return request.param
+
+
 @pytest.mark.parametrize("exclude_bos,exclude_current", [(False, False), (True, False), (False, True), (True, True)])
-def test_detectors_equal_transformerlens_per_prompt_mean(random_toy, exclude_bos, exclude_current):
-    task = mixed_task()
-    result = run("heads.detect", random_toy, task, exclude_bos=exclude_bos, exclude_current_token=exclude_current, batch_size=3)
-    tl = random_toy.tl
+@pytest.mark.parametrize("toy", ["random_toy", "soft_capped_toy"])
+def test_detectors_equal_transformerlens_per_prompt_mean(toy, exclude_bos, exclude_current, query_blocks, request):
+    task, model = mixed_task(), request.getfixturevalue(toy)
+    result = run("heads.detect", model, task, exclude_bos=exclude_bos, exclude_current_token=exclude_current, batch_size=3)
+    tl = model.tl
     for name, det_fn in TL_PATTERNS.items():
         expected = torch.zeros(tl.cfg.n_layers, tl.cfg.n_heads, dtype=torch.float64)
         for prompt in task.clean:
@@ -76,7 +93,7 @@ def test_detectors_equal_transformerlens_per_prompt_mean(random_toy, exclude_bos
                         cache["pattern", layer][h], det, exclude_bos=exclude_bos,
                         exclude_current_token=exclude_current, error_measure="mul")
         expected /= len(task)
-        assert torch.allclose(head_grid(result, f"{name}_score", random_toy), expected, atol=1e-5), name
+        assert torch.allclose(head_grid(result, f"{name}_score", model), expected, atol=1e-5), name
 
 
 def test_detectors_equal_detect_head_on_the_embedded_model(smollm2):
@@ -120,7 +137,7 @@ def direct_alpha(model, task):
     return sums / counts.clamp(min=1)
 
 
-def test_sink_alpha_and_rate_equal_a_direct_computation(random_toy):
+def test_sink_alpha_and_rate_equal_a_direct_computation(random_toy, query_blocks):
     task = mixed_task(seed=2)
     result = run("heads.sinks", random_toy, task, threshold=0.3, min_occurrences=1, batch_size=2)
     alpha = direct_alpha(random_toy, task)
@@ -131,6 +148,21 @@ def test_sink_alpha_and_rate_equal_a_direct_computation(random_toy):
     later = result.metric("later_sink_alpha").sort_values(["layer", "head"])
     horizon = min(len(c) for c in task.clean) // 2
     assert torch.allclose(torch.tensor(later["value"].to_numpy()), alpha[:, :, 1:horizon].max(-1).values.flatten(), atol=1e-5)
+    # a token's sink ratio: attention its occurrences (after the first position) receive, over what
+    # uniform attention gives them (1 / (q + 1) from each query q that sees them), mean over heads
+    ratios: dict[int, list[float]] = {}
+    for prompt in task.clean:
+        n = len(prompt)
+        _, cache = random_toy.tl.run_with_cache(torch.tensor([prompt]))
+        weight = torch.arange(1, n + 1, dtype=torch.float64)[:, None]  # q + 1
+        for k in range(1, n):
+            got = sum((cache["pattern", layer][0].double()[:, k:, k] * weight[k:, 0]).sum(-1).mean() / (n - k)
+                      for layer in range(random_toy.n_layers)) / random_toy.n_layers
+            ratios.setdefault(prompt[k], []).append(float(got))
+    tokens = result.metric("token_sink_ratio")
+    assert len(tokens) == 10
+    for token, value in zip(tokens["token_id"], tokens["value"]):
+        assert value == pytest.approx(sum(ratios[token]) / len(ratios[token]), abs=1e-5)
 
 
 def test_sinks_on_the_wired_model_find_uniform_heads_sink_to_the_first_token(wired):
@@ -145,35 +177,55 @@ def test_sinks_on_the_wired_model_find_uniform_heads_sink_to_the_first_token(wir
     assert result.value("sink_rate") == 0.0
 
 
-def test_distance_profile_equals_direct_computation_and_finds_the_previous_token_head(random_toy, wired):
+def test_distance_profile_equals_direct_computation_and_finds_the_previous_token_head(random_toy, wired, query_blocks):
     task = mixed_task(seed=3)
     result = run("heads.distance", random_toy, task, batch_size=3)
     tl = random_toy.tl
     mean = torch.zeros(random_toy.n_layers, random_toy.n_heads, dtype=torch.float64)
     sq = torch.zeros_like(mean)
+    hist = torch.zeros(random_toy.n_layers, random_toy.n_heads, len(result.meta["distance_bins"]), dtype=torch.float64)
     n_queries = 0
     for prompt in task.clean:
         n = len(prompt)
         n_queries += n
         _, cache = tl.run_with_cache(torch.tensor([prompt]))
-        d = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).clamp(min=0).double()
+        d = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).clamp(min=0)
+        bins = [0] + [int(x).bit_length() for x in range(1, n)]  # 0 | 1 | 2-3 | 4-7 | ...
         for layer in range(random_toy.n_layers):
             p = cache["pattern", layer][0].double().cpu()
             mean[layer] += (p * d).sum((-2, -1))
             sq[layer] += (p * d**2).sum((-2, -1))
+            for q in range(n):
+                for k in range(q + 1):
+                    hist[layer, :, bins[q - k]] += p[:, q, k]
     mean /= n_queries
     std = (sq / n_queries - mean**2).sqrt()
     assert torch.allclose(head_grid(result, "attn_distance_mean", random_toy), mean, atol=1e-6)
     assert torch.allclose(head_grid(result, "attn_distance_std", random_toy), std, atol=1e-6)
-    hist = result.tensors["distance_hist"]
-    assert torch.allclose(hist.sum(-1), torch.ones(random_toy.n_layers, random_toy.n_heads), atol=1e-5)
-    assert len(result.meta["distance_bins"]) == hist.shape[-1]
+    assert torch.allclose(result.tensors["distance_hist"].double(), hist / n_queries, atol=1e-6)
 
     wired_task = build_task(wired, "induction", {"n_prompts": 4, "seq_len": 15})
     profile = run("heads.distance", wired, wired_task)
     prev_mean = head_grid(profile, "attn_distance_mean", wired)[0, 0].item()
     assert prev_mean == pytest.approx(1.0, abs=0.05)  # every query but the first attends one back
     assert profile.tensors["distance_hist"][0, 0, 1] > 0.95  # the "1" bin
+
+
+@pytest.mark.parametrize("method", ["heads.detect", "heads.sinks", "heads.distance"])
+def test_a_long_prompt_never_holds_a_layers_whole_pattern(method, monkeypatch):
+    """1,000 tokens, 4 heads: one layer's [head, query, key] pattern is 16 MB in float32. Read in
+    blocks within a 1 MiB budget, each method's peak tensor memory stays under a quarter of that,
+    where reading each layer whole exceeds it; the results agree."""
+    model = from_hooked_transformer(make_toy_tl(n_layers=2, seed=5, attn_only=False, n_ctx=1024), "toy-long")
+    half = torch.randint(0, 50, (500,), generator=torch.Generator().manual_seed(1)).tolist()
+    task = Task("long", {}, [half + half], [half + half], [1], [2])
+    whole, whole_peak = peak_tensor_bytes(lambda: run(method, model, task))
+    monkeypatch.setattr("circuits.attention_pass.PATTERN_BYTES", 2**20)
+    blocks, peak = peak_tensor_bytes(lambda: run(method, model, task))
+    pattern = model.n_heads * 1000 * 1000 * 4
+    assert peak < pattern / 4 and whole_peak > pattern
+    values = lambda result: torch.tensor(result.scores["value"].to_numpy())
+    assert torch.allclose(values(blocks), values(whole), atol=1e-6)
 
 
 @pytest.mark.parametrize("ablation", ["zero", "mean", "resample"])

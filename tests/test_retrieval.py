@@ -8,6 +8,7 @@ import torch
 
 from conftest import make_toy_tl
 from toy_circuits import make_induction_toy, needle_task
+from workbench.device_memory import peak_tensor_bytes
 from workbench.errors import WorkbenchError
 from workbench.models import from_hooked_transformer
 from workbench.runner import run_method
@@ -74,6 +75,25 @@ def test_decode_argmax_equals_the_full_forward_pattern_argmax(path, shape, monke
         q = len(prompt) - 1 + step
         expected = torch.stack([cache["pattern", layer][0, :, q].argmax(-1) for layer in range(2)]).cpu()
         assert torch.equal(gen.argmax[step], expected)
+
+
+@pytest.mark.parametrize("budget_kib", [256, 64])
+def test_a_long_prompt_is_read_within_the_prefill_budget(budget_kib, monkeypatch):
+    """Decoding after a 1,000-token prompt holds the KV storage (keys, values and rotated keys for
+    1,002 positions) plus at most twice the prefill budget, counted over every tensor alive; read in
+    one chunk, the same prompt holds more than four budgets beside the storage. Same tokens and
+    argmax rows either way."""
+    tl = make_toy_tl(n_layers=2, seed=7, attn_only=False, n_ctx=1024, normalization_type="RMS", n_key_value_heads=2,
+                     positional_embedding_type="rotary", rotary_dim=8)
+    model, cfg = from_hooked_transformer(tl, "toy"), tl.cfg
+    prompt = torch.randint(0, 50, (1000,), generator=torch.Generator().manual_seed(3)).tolist()
+    storage = cfg.n_layers * 3 * 1002 * cfg.n_key_value_heads * cfg.d_head * 4
+    budget = budget_kib * 2**10
+    whole, whole_peak = peak_tensor_bytes(lambda: greedy_generate(model, prompt, 2, track_argmax=True))
+    monkeypatch.setattr("circuits.retrieval.PREFILL_BYTES", budget)
+    chunked, peak = peak_tensor_bytes(lambda: greedy_generate(model, prompt, 2, track_argmax=True))
+    assert peak - storage <= 2 * budget < 4 * 256 * 2**10 < whole_peak - storage
+    assert chunked.tokens == whole.tokens and torch.equal(chunked.argmax, whole.argmax)
 
 
 def test_masking_the_copying_head_breaks_retrieval_and_masking_the_idle_head_does_not(wired):

@@ -74,7 +74,8 @@ def test_decoding_token_by_token_equals_one_forward_and_the_entry_holds_every_ke
     """A prompt in chunks, then single tokens as a decode feeds them (one query: scores, argmax and
     softmax computed directly): the residuals, each step's argmax and the entry's keys and values
     equal one TransformerLens forward over the whole sequence, whether the storage was reserved for
-    the whole length or had to grow several times."""
+    the whole length (exactly that length, even where the first chunk is long enough that growing
+    would overshoot it) or had to grow several times."""
     tokens = torch.randint(0, 50, (1, 60), generator=torch.Generator().manual_seed(4))
     expected, cache_full = _cached_hooks(tl, tokens)
     cache = TransformerLensKeyValueCache.init_cache(tl.cfg, tokens.device, 1)
@@ -82,12 +83,13 @@ def test_decoding_token_by_token_equals_one_forward_and_the_entry_holds_every_ke
         reserve(cache, 60)
     parts, steps, argmax = [], [], {}
     with torch.no_grad(), sdpa_attention(tl, argmax):
-        for start, stop in [(0, 9), (9, 20)] + [(i, i + 1) for i in range(20, 60)]:
+        prompt = [(0, 48), (48, 50)] if storage == "reserved" else [(0, 9), (9, 20)]
+        for start, stop in prompt + [(i, i + 1) for i in range(prompt[-1][1], 60)]:
             chunk = tokens[:, start:stop]
             parts.append(tl(chunk, past_kv_cache=cache, attention_mask=torch.ones_like(chunk), stop_at_layer=tl.cfg.n_layers))
             steps.append(torch.stack([argmax[layer][0] for layer in range(tl.cfg.n_layers)]))
     assert torch.allclose(torch.cat(parts, 1), expected, atol=1e-5)
-    for step, stop in enumerate([9, 20] + list(range(21, 61))):
+    for step, stop in enumerate([stop for _, stop in prompt] + list(range(prompt[-1][1] + 1, 61))):
         pattern_argmax = torch.stack([cache_full["pattern", layer][0, :, stop - 1].argmax(-1) for layer in range(tl.cfg.n_layers)])
         assert torch.equal(steps[step], pattern_argmax)
     for layer, entry in enumerate(cache.entries):
