@@ -26,6 +26,7 @@ from workbench.nodes import check_head_names, parse_heads
 from workbench.params import require
 from workbench.result import Result
 from circuits.patching import unembed_final
+from circuits.sdpa_attention import fused_attention
 
 
 def answer_directions(model, task) -> Float[Tensor, "batch d_model"]:
@@ -80,6 +81,7 @@ def _batches(task, model, batch_size: int):
 
 
 @torch.no_grad()
+@fused_attention
 def dla_components(model, task, batch_size: int = 16) -> tuple[pd.DataFrame, Float[Tensor, "batch layer head"]]:
     """Per-prompt contributions of every component to the logit difference, and the actual one.
 
@@ -162,6 +164,7 @@ class HeadSourcesParams:
 
 
 @torch.no_grad()
+@fused_attention
 def head_source_attribution(model, task, heads: list[tuple[int, int]], batch_size: int = 16) -> pd.DataFrame:
     """Rows (prompt, layer, head, position=source, value): each source token's contribution
     through the head to the logit difference at the final token (frozen final-norm scale)."""
@@ -216,6 +219,7 @@ LENS = {"logit_lens_logit_diff": "logit(answer) - logit(wrong)", "logit_lens_ans
                         for name, meaning in LENS.items()),
                   tensors={"top_tokens": ("stage", "prompt", "k")}))
 @torch.no_grad()
+@fused_attention
 def logit_lens(model, task, params: LogitLensParams, ctx) -> Result:
     tl = model.tl
     n = model.n_layers

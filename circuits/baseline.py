@@ -12,6 +12,7 @@ from workbench.methods import Metric, Outputs, register
 from workbench.metrics import logit_diff
 from workbench.params import require
 from workbench.result import Result
+from circuits.sdpa_attention import fused_attention
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ OUTPUTS = Outputs(tuple(
 @register("logit_diff", LogitDiffParams, "logit(answer) - logit(wrong) per prompt on clean and corrupted runs, and their means",
           OUTPUTS)
 @torch.no_grad()
+@fused_attention
 def logit_diff_method(model, task, params: LogitDiffParams, ctx) -> Result:
     rows = []
     for which in ("clean", "corrupted"):

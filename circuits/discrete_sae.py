@@ -27,9 +27,11 @@ from workbench.methods import Metric, Outputs, register
 from workbench.nodes import head_name
 from workbench.params import require
 from workbench.result import Result
+from circuits.sdpa_attention import fused_attention
 
 
 @torch.no_grad()
+@fused_attention
 def head_means(model, task, which: str, batch_size: int = 16) -> tuple[Tensor, Tensor]:
     """([prompt, layer, head, d_head] hook_z averaged over real positions, [prompt] logit difference)."""
     tl = model.tl

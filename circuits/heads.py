@@ -23,6 +23,7 @@ from torch import Tensor
 
 from circuits.attention_pass import for_each_pattern
 from circuits.patching import PatchingRun, head_indices
+from circuits.sdpa_attention import fused_attention
 from workbench.errors import WorkbenchError
 from workbench.methods import Metric, Outputs, register
 from workbench.nodes import check_head_names, parse_heads
@@ -85,6 +86,7 @@ def detector_scores(model, tokens: Int[Tensor, "batch pos"], lengths: Int[Tensor
 
 
 @torch.no_grad()
+@fused_attention
 def repeat_losses(model, task) -> tuple[float, float]:
     """Mean next-token loss on the first copy and on the repeat of an induction task."""
     tokens, lengths = task.tokens("clean", device=model.device)
@@ -297,6 +299,7 @@ def distance_profile(model, task, params: DistanceParams, ctx) -> Result:
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
+@fused_attention
 def mean_z(model, task, batch_size: int = 8) -> dict[str, Tensor]:
     """Each head's output (hook_z, [head, d_head]) averaged over every real position of the task's clean prompts."""
     tokens, lengths = task.tokens("clean", device=model.device)

@@ -29,6 +29,7 @@ from workbench.progress import tqdm
 
 from workbench.errors import WorkbenchError
 from workbench.store import Store, content_key
+from circuits.sdpa_attention import fused_attention
 
 FORMAT_VERSION = 1
 SHARD_TOKENS = 65_536
@@ -64,6 +65,7 @@ class ActivationCache:
 
 
 @torch.no_grad()
+@fused_attention
 def collect_z(model, task, layer: int, batch_size: int = 8, prompts: range | None = None,
               progress: bool = False) -> Iterator[dict[str, Tensor]]:
     """hook_z of `layer` at every real position of the task's clean prompts, heads concatenated,

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from sae.activations import collect_z, z_hook
+from circuits.sdpa_attention import fused_attention
 
 
 @torch.no_grad()
@@ -33,6 +34,7 @@ def reconstruction_metrics(sae, acts: Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
+@fused_attention
 def ce_losses(model, task, layer: int, sae, prompts: range, batch_size: int = 8) -> dict[str, float]:
     """Mean next-token loss over real positions of `prompts`: clean, with the SAE spliced in, with hook_z zeroed."""
     name = z_hook(layer)

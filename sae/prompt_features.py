@@ -29,6 +29,7 @@ from workbench.params import require
 from workbench.result import Result
 from workbench.spec import Need, TaskSpec
 from workbench.tasks.text import TextParams
+from circuits.sdpa_attention import fused_attention
 
 
 def default_sae() -> Need:
@@ -59,6 +60,7 @@ class SAEActivationsParams:
                           ("layer", "feature", "prompt", "position", "token"), "detail"),)),
           needs=_sae_needs, version=2, task="corpus")
 @torch.no_grad()
+@fused_attention
 def sae_activations(model, task, params: SAEActivationsParams, ctx) -> Result:
     sae, layer = sae_of(ctx.inputs["sae"], model.device)
     frames = []
@@ -104,6 +106,7 @@ DFA_OUTPUTS = Outputs((
           "direct feature attribution: which SAE features each head writes at a position, per source position",
           DFA_OUTPUTS, needs=_sae_needs, version=2, task="corpus")
 @torch.no_grad()
+@fused_attention
 def sae_dfa(model, task, params: SAEDFAParams, ctx) -> Result:
     sae, layer = sae_of(ctx.inputs["sae"], model.device)
     heads = sorted({h for lay, h in parse_heads(model, params.heads)} if params.heads else range(model.n_heads))
