@@ -23,6 +23,7 @@ from torch import Tensor
 from typing import Literal
 
 from circuits.own_hooks import own_hooks
+from circuits.sdpa_attention import sdpa_attention
 from circuits.patching import PatchingRun, unembed_final
 from workbench.errors import WorkbenchError
 from workbench.methods import EDGE_INDEX, Metric, Outputs, register
@@ -59,8 +60,9 @@ class PathPatchingRun(PatchingRun):
         by_layer: dict[int, list[int]] = {}
         for i, (layer, _) in enumerate(senders):
             by_layer.setdefault(layer, []).append(i)
-        for layer, members in by_layer.items():
-            out[members] = self._run_layer(layer, [senders[i][1] for i in members], slots, receiver_input).cpu()
+        with sdpa_attention(self.model.tl):
+            for layer, members in by_layer.items():
+                out[members] = self._run_layer(layer, [senders[i][1] for i in members], slots, receiver_input).cpu()
         return out
 
     def _run_layer(self, sender_layer: int, sender_heads: list[int], slots: dict[int, list[int]], x: str) -> Tensor:
