@@ -101,6 +101,10 @@ def _rotary(attn, x: Tensor, offset: int) -> Tensor:
     (a clone and two indexed copies to rotate, a final concatenation); its own where the layer
     rotates only part of each head, pairs adjacent dimensions or needs a longer table."""
     cfg, n = attn.cfg, x.shape[1]
+    if attn.rotary_cos.shape[0] < offset + n <= cfg.n_ctx and hasattr(attn, "_extend_rotary_embeddings"):
+        # grow the table as TransformerLens would on first need, so the same kernels (and bfloat16
+        # rounding) run before and after it has grown: a session's first long prompt reads as its next
+        attn._extend_rotary_embeddings(min(cfg.n_ctx, max(offset + n, 2 * attn.rotary_cos.shape[0])))
     if (cfg.rotary_dim != x.shape[-1] or cfg.rotary_adjacent_pairs or offset + n > attn.rotary_cos.shape[0]
             or x.device != attn.rotary_cos.device):
         return attn.apply_rotary(x, offset)

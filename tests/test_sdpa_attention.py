@@ -189,6 +189,27 @@ def test_the_rotary_embedding_equals_transformer_lens_at_every_offset(layout):
     assert not torch.allclose(_rotary(attn, x, 3), _rotary(attn, x, 4), atol=1e-3)  # the offset matters
 
 
+def test_a_prompt_past_the_rotary_table_reads_the_same_before_and_after_the_table_grows():
+    """TransformerLens's rotary table starts at 2,048 positions and grows on first need; the fused
+    forward grows it too and keeps its own kernels, so in bfloat16 (where two ways of rotating
+    round differently) a session's first long prompt gives bit for bit what the next one does."""
+    from circuits.retrieval import prefill
+    from workbench.models import from_hooked_transformer
+
+    tl = make_toy_tl(n_layers=2, seed=3, attn_only=False, positional_embedding_type="rotary", rotary_dim=8,
+                     normalization_type="RMS", n_ctx=4096, dtype=torch.bfloat16)
+    model = from_hooked_transformer(tl, "toy-bf16")
+    tokens = torch.randint(0, 50, (1, 2100), generator=torch.Generator().manual_seed(2))
+    assert tl.blocks[0].attn.rotary_cos.shape[0] == 2048
+    reads = []
+    with torch.no_grad():
+        for _ in range(2):
+            cache = TransformerLensKeyValueCache.init_cache(tl.cfg, tokens.device, 1)
+            reads.append(prefill(model, tokens, cache))
+    assert tl.blocks[0].attn.rotary_cos.shape[0] == 4096
+    assert torch.equal(reads[0], reads[1])
+
+
 def test_each_block_normalises_its_residual_once_and_keeps_nothing_after_its_attention():
     """TransformerLens normalises a block's residual three times (queries, keys, values); inside the
     fused block it is normalised once, the result dropped once the attention has it, and a hook on
