@@ -147,6 +147,15 @@ def wb_here(capsys, monkeypatch, *args):
     return SimpleNamespace(returncode=exit.value.code, stdout=captured.out, stderr=captured.err)
 
 
+@pytest.mark.parametrize("args,fragment", [(["show"], "Missing argument 'run_id'"),
+                                           (["show", "0123", "--bogus"], "No such option: --bogus")])
+def test_a_command_line_typer_refuses_gets_its_usage_message_and_exit_2(capsys, monkeypatch, tmp_path, args, fragment):
+    """A missing argument or an unknown option: the usage message, exit code 2, no traceback."""
+    proc = wb_here(capsys, monkeypatch, *args, "--store", tmp_path / "s")
+    assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr
+    assert snapshot(tmp_path / "s") is None
+
+
 def test_a_job_file_that_is_not_text_is_refused(tmp_path):
     job = tmp_path / "job.toml"
     job.write_bytes(b"\xff\xfe[[run]]\x00\x81")
