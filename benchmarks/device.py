@@ -16,8 +16,9 @@ measured time over that floor (1.0 would be every cycle on useful arithmetic).
   and its kernels over one forward's);
 - `retrieval`: retrieval-head scoring (greedy decode reading every head's attention argmax) against
   Hugging Face's greedy `generate` with SDPA attention on the same weights: time and peak memory
-  (on the CPU, where no allocator keeps a peak, the peak of tensors alive), and the kernels one
-  decoding step launches;
+  (on the CPU, where no allocator keeps a peak, the peak of tensors alive), the kernels one
+  decoding step launches, and decoding where arithmetic is negligible (the 1B layout at width 64:
+  the host's time per step, which a GPU decoding the 1B shape waits on);
 - `eap`: EAP and EAP-IG (5 steps) over every edge of the GPT-2-small shape, 1,000 prompts;
 - `long`: every method family on one long prompt (8k tokens on the 135M shape, 4k on the 1B shape;
   `--cpu-long` tokens on the CPU): seconds and peak memory, beside one layer's whole pattern;
@@ -229,6 +230,38 @@ def retrieval(args, rates) -> None:
             ours_k, ref_k = decode_step_kernels(model, hf, prompt)
             print(f"    kernels per decoding step (operators that compute, views aside): ours {ours_k}, HF {ref_k}", flush=True)
         del model, hf
+    host_bound_decode(args)
+
+
+def host_bound_decode(args) -> None:
+    """Decoding where the arithmetic is negligible: the 1B shape's 16 layers and head layout at width
+    64, a 64-token prompt. What is left is the host's work per step (Python, dispatch, launches),
+    which is what a GPU decoding a 1B model waits on; measured on any device."""
+    from workbench.models.shapes import SHAPES
+
+    from circuits.retrieval import greedy_generate
+
+    SHAPES.setdefault("llama-3.2-1b-narrow", {**SHAPES["llama-3.2-1b"], "vocab_size": 49152, "hidden_size": 64,
+                                              "intermediate_size": 128, "head_dim": 2})
+    model, hf = load("llama-3.2-1b-narrow", "float32", args.device, keep_hf=True)
+    prompt = random_task(model, 1, 64).clean[0]
+    x, n_new = torch.tensor([prompt], device=model.device), 64
+
+    def ours():
+        with torch.no_grad():
+            greedy_generate(model, prompt, n_new, track_argmax=True, stop_at_special=False)
+
+    def reference():
+        with torch.no_grad():
+            hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n_new, min_new_tokens=n_new,
+                        do_sample=False, pad_token_id=0)
+
+    ours(), reference()  # warm-up
+    t_ours, t_ref = float("inf"), float("inf")
+    for _ in range(5):  # alternated, best of five each
+        t_ours, t_ref = min(t_ours, timed(ours, args.device, warmup=0)), min(t_ref, timed(reference, args.device, warmup=0))
+    row(f"host-bound decoding, 1B layout at width 64, 64 tokens + {n_new}, float32", t_ours, t_ref, "HF generate (SDPA)")
+    print(f"    time ours / HF: {t_ours / t_ref:.2f} ({1e3 * t_ours / n_new:.1f} vs {1e3 * t_ref / n_new:.1f} ms a step)", flush=True)
 
 
 VIEWS = {"view", "slice", "unsqueeze", "transpose", "permute", "t", "expand", "_unsafe_view", "alias", "select",

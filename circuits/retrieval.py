@@ -105,20 +105,21 @@ def greedy_generate(model, prompt: list[int], max_new_tokens: int, track_argmax:
 
     stops, out, rows = _stop_ids(model) if stop_at_special else set(), [], []
     x = torch.tensor([prompt], device=model.device)
+    argmax = current if track_argmax else None
     with own_hooks(tl, list(hooks)):
         fused = all(covered(block.attn) for block in tl.blocks)
         tracking = [(lambda n: n.endswith("attn.hook_pattern"), track)] if track_argmax and not fused else []
-        with own_hooks(tl, tracking):
+        with own_hooks(tl, tracking), sdpa_attention(tl, argmax):  # entered once: each step's prefill swaps nothing
             for _ in range(max_new_tokens):
-                resid = prefill(model, x, cache, current if track_argmax else None)
+                resid = prefill(model, x, cache, argmax)
                 token = int(unembed_final(tl, resid[:, -1:])[0, -1].argmax())
                 if token in stops:
                     break
                 out.append(token)
-                if track_argmax:
-                    rows.append(torch.stack([current[layer][0] for layer in range(model.n_layers)]).cpu())
+                if track_argmax:  # kept on the device until the end: a copy per step would wait for it
+                    rows.append(torch.stack([current[layer][0] for layer in range(model.n_layers)]))
                 x = torch.tensor([[token]], device=model.device)
-    return Generation(out, torch.stack(rows) if rows else torch.zeros(0, model.n_layers, model.n_heads, dtype=torch.long))
+    return Generation(out, torch.stack(rows).cpu() if rows else torch.zeros(0, model.n_layers, model.n_heads, dtype=torch.long))
 
 
 def copy_scores(sequence: list[int], gen: Generation, start: int, end: int) -> Tensor:
@@ -331,23 +332,24 @@ def decode_masked(model, test: NeedleTest, drop: Tensor, mask: str, means, param
         nxt.append(int(unembed_final(tl, resid[:, -1:])[0, -1].argmax()))
     cache, active, outs = _stack_caches(caches), list(range(len(drop))), [[] for _ in range(len(drop))]
     reserve(cache, len(test.prompt) + params.max_new_tokens)
-    while True:
-        keep = []
-        for j, (row, token) in enumerate(zip(active, nxt)):
-            if token in stops:
-                continue
-            outs[row].append(token)
-            if len(outs[row]) < params.max_new_tokens and test.recall(model, outs[row]) <= params.rouge_threshold:
-                keep.append(j)
-        if not keep:
-            return outs
-        if len(keep) < len(active):
-            cache = _stack_caches([cache], keep)
-            active = [active[j] for j in keep]
-        x = torch.tensor([[outs[row][-1]] for row in active], device=model.device)
-        with own_hooks(tl, mask_hooks(model, drop[active], mask, means)), sdpa_attention(tl):
-            resid = tl(x, past_kv_cache=cache, attention_mask=torch.ones_like(x), stop_at_layer=model.n_layers)
-        nxt = unembed_final(tl, resid[:, -1:])[:, -1].argmax(-1).tolist()
+    with sdpa_attention(tl):  # entered once for the decode, not per step
+        while True:
+            keep = []
+            for j, (row, token) in enumerate(zip(active, nxt)):
+                if token in stops:
+                    continue
+                outs[row].append(token)
+                if len(outs[row]) < params.max_new_tokens and test.recall(model, outs[row]) <= params.rouge_threshold:
+                    keep.append(j)
+            if not keep:
+                return outs
+            if len(keep) < len(active):
+                cache = _stack_caches([cache], keep)
+                active = [active[j] for j in keep]
+            x = torch.tensor([[outs[row][-1]] for row in active], device=model.device)
+            with own_hooks(tl, mask_hooks(model, drop[active], mask, means)):
+                resid = tl(x, past_kv_cache=cache, attention_mask=torch.ones_like(x), stop_at_layer=model.n_layers)
+            nxt = unembed_final(tl, resid[:, -1:])[:, -1].argmax(-1).tolist()
 
 
 def outcomes(model, tests: list[NeedleTest], params: RetrievalParams, drop: Tensor, mask: str = "query",

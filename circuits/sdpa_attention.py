@@ -30,6 +30,10 @@ SUPPORTED_POSITIONS = ("standard", "rotary")
 def covered(attn) -> bool:
     """Whether this attention layer's forward can run fused: a configuration the fused forward
     reproduces and no hook (forward or backward) on its scores or pattern."""
+    return _configuration_covered(attn) and not _pattern_hooked(attn)
+
+
+def _configuration_covered(attn) -> bool:
     cfg = attn.cfg
     return (type(attn).__name__ in ("Attention", "GroupedQueryAttention")
             and cfg.positional_embedding_type in SUPPORTED_POSITIONS
@@ -38,21 +42,41 @@ def covered(attn) -> bool:
             and not cfg.use_attention_sinks and not cfg.use_attn_result and not cfg.load_in_4bit
             and not cfg.use_dynamic_ntk_rope  # its frequencies change with the length: cached rotated keys would go stale
             and not getattr(cfg, "ungroup_grouped_query_attention", False)
-            and cfg.original_architecture not in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
-            and not any(point.fwd_hooks or point.bwd_hooks for point in (attn.hook_attn_scores, attn.hook_pattern)))
+            and cfg.original_architecture not in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM"))
+
+
+def _pattern_hooked(attn) -> bool:
+    return any(point.fwd_hooks or point.bwd_hooks for point in (attn.hook_attn_scores, attn.hook_pattern))
 
 
 QueriesKeys = Callable[[int, Tensor, Tensor, float], None]  # (layer, queries, keys, scale)
 
 
+class _Padding:
+    """Whether an attention mask masks any key, read once per mask (every layer of a forward gets the
+    same mask; reading it waits for the device, which a decoding step should do once, not per layer)."""
+
+    def __init__(self):
+        self.last: tuple = (None, -1, False)
+
+    def __call__(self, mask: Tensor | None) -> bool:
+        if mask is None:
+            return False
+        if not (self.last[0] is mask and self.last[1] == mask._version):
+            self.last = (mask, mask._version, not bool(mask.all()))
+        return self.last[2]
+
+
 def _fused_forward(attn, original, argmax: dict[int, Tensor] | None, forget: Callable[[], None] | None = None,
-                   queries_keys: QueriesKeys | None = None):
+                   queries_keys: QueriesKeys | None = None, padding: _Padding | None = None):
+    configured, padding = _configuration_covered(attn), padding or _Padding()
+
     def forward(query_input, key_input, value_input, past_kv_cache_entry=None, additive_attention_mask=None,
                 attention_mask=None, position_bias=None):
         if forget is not None:  # the block's inputs are normalised: let its norm drop what it kept
             forget()
-        padded = attention_mask is not None and not bool(attention_mask.all())
-        if additive_attention_mask is not None or position_bias is not None or padded or not covered(attn):
+        if (additive_attention_mask is not None or position_bias is not None or not configured or _pattern_hooked(attn)
+                or padding(attention_mask)):
             return original(query_input, key_input, value_input, past_kv_cache_entry=past_kv_cache_entry,
                             additive_attention_mask=additive_attention_mask, attention_mask=attention_mask,
                             position_bias=position_bias)
@@ -214,8 +238,12 @@ def sdpa_attention(tl, argmax: dict[int, Tensor] | None = None, queries_keys: Qu
     ([batch, head]; the pattern's argmax, read from the scores without the softmax). With
     `queries_keys`, each fused layer hands it (layer, queries [batch, head, query, d_head], keys
     [batch, kv head, key, d_head], scale): the rotated queries and keys its scores are made of, so a
-    caller can compute the pattern in blocks of its own choosing."""
-    swapped = []
+    caller can compute the pattern in blocks of its own choosing. Entered again inside itself with the
+    same `argmax` and `queries_keys` (a decoding loop around per-step calls), it swaps nothing."""
+    if all(getattr(block.attn.forward, "fused_with", None) == (id(argmax), id(queries_keys)) for block in tl.blocks):
+        yield all(covered(block.attn) for block in tl.blocks)  # already inside the same block: nothing to swap
+        return
+    swapped, padding = [], _Padding()
     try:
         for block in tl.blocks:
             ln1, forget = getattr(block, "ln1", None), None
@@ -224,7 +252,8 @@ def sdpa_attention(tl, argmax: dict[int, Tensor] | None = None, queries_keys: Qu
                 ln1.forward = _normalised_once(ln1, ln1.forward)
                 forget = ln1.forward.forget
             swapped.append((block.attn, "forward" in block.attn.__dict__, block.attn.__dict__.get("forward")))
-            block.attn.forward = _fused_forward(block.attn, block.attn.forward, argmax, forget, queries_keys)
+            block.attn.forward = _fused_forward(block.attn, block.attn.forward, argmax, forget, queries_keys, padding)
+            block.attn.forward.fused_with = (id(argmax), id(queries_keys))
         yield all(covered(block.attn) for block in tl.blocks)
     finally:
         for module, had, before in swapped:

@@ -255,3 +255,43 @@ def test_each_block_normalises_its_residual_once_and_keeps_nothing_after_its_att
     assert plain.n == 4 * n + 1 and fused.n == 2 * n + 1  # ln1 three times, ln2, ln_final
     assert torch.allclose(logits, expected, atol=1e-5) and torch.allclose(hooked, expected, atol=1e-5)
     assert len(seen) == 3
+
+
+def test_entered_again_with_the_same_arguments_it_swaps_nothing_and_still_records(tl):
+    """A decoding loop enters fused attention once and each step's call enters it again: the inner
+    entry must leave the outer forwards in place (re-wrapping them each step cost a fifth of a step's
+    host time) and they must still record the argmax."""
+    tokens = torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(4))
+    argmax, other = {}, {}
+    with torch.no_grad(), sdpa_attention(tl, argmax):
+        outer = [block.attn.forward for block in tl.blocks]
+        with sdpa_attention(tl, argmax) as fused:
+            assert fused and [block.attn.forward for block in tl.blocks] == outer
+            assert all(a is b for a, b in zip((block.attn.forward for block in tl.blocks), outer))
+            tl(tokens)
+        with sdpa_attention(tl, other):  # other arguments: wrapped again, recording into its own dict
+            assert all(block.attn.forward is not f for block, f in zip(tl.blocks, outer))
+            tl(tokens)
+        assert all(block.attn.forward is f for block, f in zip(tl.blocks, outer))
+    assert all("forward" not in block.attn.__dict__ for block in tl.blocks)
+    _, reference = _cached_hooks(tl, tokens)
+    for layer in range(tl.cfg.n_layers):
+        expected = reference[f"blocks.{layer}.attn.hook_pattern"][:, :, -1].argmax(-1)
+        assert torch.equal(argmax[layer], expected) and torch.equal(other[layer], expected)
+
+
+def test_a_padded_mask_keeps_transformer_lens_forward_even_when_changed_in_place(tl):
+    """Whether a mask pads is read once per mask tensor, not once per layer; a mask changed in place
+    between two forwards is read again."""
+    tokens = torch.randint(1, 50, (2, 10), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(tokens)
+    padded = mask.clone()
+    padded[1, :4] = 0
+    with torch.no_grad():
+        whole, left_padded = tl(tokens, attention_mask=mask), tl(tokens, attention_mask=padded)
+        assert (whole[1] - left_padded[1]).abs().max() > 1e-3  # the padding matters
+        with sdpa_attention(tl):
+            first = tl(tokens, attention_mask=mask)
+            mask[1, :4] = 0  # the same tensor, now padding
+            second = tl(tokens, attention_mask=mask)
+    assert torch.allclose(first, whole, atol=1e-5) and torch.allclose(second, left_padded, atol=1e-5)
