@@ -29,32 +29,19 @@ measured time over that floor (1.0 would be every cycle on useful arithmetic).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from workbench import device_speed
 from workbench.device_memory import peak_tensor_bytes
+from workbench.device_speed import layer_flops, seconds
 
 ROWS: list[tuple] = []
 
 
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(fn, device, repeats: int = 1, warmup: int = 1) -> float:
     """Best of `repeats` wall-clock runs, the device synchronised around each."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+    return seconds(fn, device, repeats, warmup)
 
 
 def peak_bytes(fn, device) -> tuple[float, int]:
@@ -62,28 +49,18 @@ def peak_bytes(fn, device) -> tuple[float, int]:
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    seconds = timed(fn, device, warmup=0)
-    return seconds, torch.cuda.max_memory_allocated(device) - before
+    took = timed(fn, device, warmup=0)
+    return took, torch.cuda.max_memory_allocated(device) - before
 
 
 def matmul_rate(device, dtype: torch.dtype, tf32: bool = False) -> float:
     """FLOP/s of a large square matrix product at this precision, on random data."""
-    n = 8192 if torch.device(device).type == "cuda" else 1024
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
-        seconds = timed(lambda: a @ b, device, repeats=5, warmup=2)
+        return device_speed.matmul_rate(device, dtype)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
-    return 2 * n**3 / seconds
-
-
-def layer_flops(cfg, n_keys: float) -> float:
-    """Matrix-product FLOPs of one token through one block, attending to `n_keys` keys on average."""
-    d, h, kv, dh = cfg.d_model, cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads, cfg.d_head
-    mlp = 0 if cfg.attn_only else (3 if cfg.gated_mlp else 2) * d * cfg.d_mlp
-    return 2 * (d * (h + 2 * kv) * dh + h * dh * d + mlp) + 4 * h * dh * n_keys
 
 
 def random_task(model, n_prompts: int, n_tokens: int, seed: int = 0):
@@ -145,8 +122,10 @@ def sweep(args, rates) -> None:
             layer, pos = model.n_layers // 3, n_tokens // 2  # one by-position group: what each of them costs in launches
             group = [i for i in head_indices(model, "z", n_tokens, True) if i.layer == layer and i.pos == pos]
             with torch.no_grad():
-                group_k = kernels(lambda: run.run("z", group, progress=False))
+                group_k = kernels(lambda: run.run("z", group, progress=False, merge=False))
             print(f"    kernels of one by-position group (layer {layer}, position {pos}, every head): {group_k}", flush=True)
+            if n_tokens == 14:
+                by_position(args, model, task, run)
             rows = torch.arange(len(task), device=model.device)
 
             def metric(logits):
@@ -171,6 +150,46 @@ def sweep(args, rates) -> None:
         row(f"head sweep, {shape} shape, {n_tokens} tokens, {precision_of(dtype, tf32)}", ours, ref,
             f"TransformerLens (~, {len(sample)} heads timed)", floor)
         del run, model
+
+
+def by_position(args, model, task, run) -> None:
+    """The by-position head sweep: groups apart (a forward per layer and position) against groups
+    sharing forwards (`circuits.patch_groups`), and TransformerLens's (a forward per head and
+    position, timed on a sample). On the CPU, the last two layers' kernels only (groups run apart
+    there by default)."""
+    import pandas as pd
+    import transformer_lens.patching as P
+
+    from circuits.patching import head_indices
+
+    n_tokens = run.clean_tokens.shape[1]
+    indices = head_indices(model, "z", n_tokens, True)
+    late = [i for i in indices if i.layer >= model.n_layers - 2]
+    with torch.no_grad():
+        apart_k, shared_k = (kernels(lambda: run.run("z", late, progress=False, merge=m)) for m in (False, True))
+    print(f"    by position, last two layers' kernels: groups apart {apart_k}, sharing forwards {shared_k}", flush=True)
+    if args.device == "cpu":
+        return
+    apart = timed(lambda: run.run("z", indices, progress=False, merge=False), args.device)
+    ours = timed(lambda: run.run("z", indices, progress=False), args.device)
+    rows = torch.arange(len(task), device=model.device)
+
+    def metric(logits):
+        last = logits[rows, run.final_idx]
+        return (last[rows, task.answer_ids(model.device)] - last[rows, task.wrong_ids(model.device)]).mean()
+
+    sample = list(range(0, len(indices), max(1, len(indices) // args.sample)))[: args.sample]
+    index_df = pd.DataFrame([(indices[i].layer, indices[i].pos, indices[i].head) for i in sample], columns=["layer", "pos", "head"])
+    setter = P.get_act_patch_attn_head_out_by_pos.keywords["patch_setter"]
+
+    def reference():
+        with torch.no_grad():
+            P.generic_activation_patch(model.tl, run.corrupt_tokens, run.clean_cache, metric, patch_setter=setter,
+                                       activation_name="z", index_df=index_df)
+
+    ref = timed(reference, args.device) * len(indices) / len(sample)
+    row(f"by-position head sweep, {model.identity.name.removeprefix('random:')} shape, {n_tokens} tokens, float32 (groups apart: {apart:.2f} s)", ours, ref,
+        f"TransformerLens (~, {len(sample)} patches timed)")
 
 
 def atp(args, rates) -> None:

@@ -12,7 +12,9 @@ identical results:
   (a frozen TransformerLens KV cache);
 - the final norm and unembedding run only at each prompt's last token, where metrics read;
 - batches are chunked so memory stays bounded for long prompts (on a GPU, chunks as large as
-  half its free memory holds, so short prompts still fill it).
+  half its free memory holds, so short prompts still fill it);
+- patches of several layers or positions share one forward where launching a forward costs more
+  than the arithmetic sharing adds (`circuits.patch_groups`: a GPU and short prompts).
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from torch import Tensor
 from workbench.progress import tqdm
 
 from circuits.own_hooks import own_hooks
+from circuits.patch_groups import Piece, plan
 from circuits.sdpa_attention import sdpa_attention
 from workbench.device_memory import forward_bytes_per_token, memory_budget
+from workbench.device_speed import layer_flops, matmul_rate, seconds
 from workbench.errors import WorkbenchError
 
 # activation -> (hook name template, index kind)
@@ -203,9 +207,13 @@ class PatchingRun:
 
     @torch.no_grad()
     def run(self, activation: str, indices: list[PatchIndex], chunk_tokens: int | None = None,
-            progress: bool = True) -> Tensor:
+            progress: bool = True, merge: bool | None = None) -> Tensor:
         """The batch-mean metric (unnormalised) for each patch index, in order; patched runs go in
-        chunks of at most `chunk_tokens` tokens (default: what the device's memory holds)."""
+        chunks of at most `chunk_tokens` tokens (default: what the device's memory holds). Patches
+        of different layers or positions share a forward (`circuits.patch_groups`) wherever the
+        tokens fit (`merge=True`), never (`False`), or by default where this device's measured costs
+        say it is faster: on a GPU only (on the CPU arithmetic outweighs a forward's fixed cost even
+        for short prompts: sharing was measured slower). Results are the same up to float rounding."""
         if activation not in self.activations:
             raise WorkbenchError(f"activation '{activation}' was not cached for this run; cached: {', '.join(self.activations)}")
         kind = ACTIVATIONS[activation][1]
@@ -217,44 +225,82 @@ class PatchingRun:
         if chunk_tokens is None:
             per_token = forward_bytes_per_token(self.model.cfg, n_pos)
             chunk_tokens = memory_budget(self.model.device, CPU_CHUNK_TOKENS * per_token) // per_token
-        bar = tqdm(total=len(indices), desc=f"patching {activation}", disable=not progress, leave=False)
+        pieces = []
         for (layer, offset), members in groups.items():
-            per_copy = batch * (n_pos - offset)
-            size = max(1, chunk_tokens // max(1, per_copy))
-            for start in range(0, len(members), size):
-                chunk = members[start : start + size]
-                out[chunk] = self._run_chunk(activation, kind, layer, offset, [indices[i] for i in chunk]).cpu()
-                bar.update(len(chunk))
+            size = max(1, chunk_tokens // max(1, batch * (n_pos - offset)))
+            pieces += [Piece(layer, offset, tuple(members[s : s + size])) for s in range(0, len(members), size)]
+        bar = tqdm(total=len(indices), desc=f"patching {activation}", disable=not progress, leave=False)
+        for forward in self._plan(kind, pieces, chunk_tokens, merge):
+            members = [i for piece in forward for i in piece.members]
+            out[members] = self._run_forward(activation, kind, forward, [indices[i] for i in members]).cpu()
+            bar.update(len(members))
         bar.close()
         return out
 
-    def _run_chunk(self, activation: str, kind: str, layer: int, offset: int, chunk: list[PatchIndex]) -> Tensor:
+    def _plan(self, kind: str, pieces: list[Piece], chunk_tokens: int, merge: bool | None) -> list[list[Piece]]:
+        on_gpu = torch.device(self.model.device).type == "cuda"
+        if merge is False or (merge is None and not on_gpu) or kind in ("k_per_query", "v_per_query") or len(pieces) < 2:
+            return [[piece] for piece in pieces]
+        batch, n_pos = self.clean_tokens.shape
+        fixed, per_token = (1.0, 0.0) if merge else self._forward_costs()
+        return plan(pieces, self.model.n_layers, lambda offset: batch * (n_pos - offset), chunk_tokens, fixed, per_token)
+
+    def _forward_costs(self) -> tuple[float, float]:
+        """(seconds a layer of a patched forward costs whatever its size, seconds a token adds to a
+        layer), measured once per run: a one-token forward's time (on a GPU, the host launching
+        it), and the token's arithmetic at this device's measured matmul rate (a lower bound)."""
+        if not hasattr(self, "_costs"):
+            tl, cfg, n_layers = self.model.tl, self.model.cfg, self.model.n_layers
+            x = self.base_cache["blocks.0.hook_resid_pre"][:1, :1]
+
+            def forward():
+                with own_hooks(tl, [("blocks.0.hook_resid_pre", lambda act, hook: act)]), sdpa_attention(tl):
+                    tl(x, start_at_layer=0, stop_at_layer=n_layers)
+
+            fixed = seconds(forward, self.model.device) / n_layers
+            self._costs = fixed, layer_flops(cfg, self.clean_tokens.shape[1] / 2) / matmul_rate(self.model.device, cfg.dtype)
+        return self._costs
+
+    def _run_forward(self, activation: str, kind: str, pieces: list[Piece], chunk: list[PatchIndex]) -> Tensor:
+        """One forward holding `chunk`'s patches as copies of the batch, from the pieces' first layer
+        and position; each patch is written at its own layer."""
         tl, batch, n = self.model.tl, len(self.task), len(chunk)
+        layer, offset = min(p.layer for p in pieces), min(p.offset for p in pieces)
         if kind in ("k_per_query", "v_per_query"):
             hooks = self._per_query_hooks(activation, layer, offset, chunk)
         else:
-            src = self.source_cache[hook_name(activation, layer)]
-            src = src[:, :, offset:] if kind == "pattern" else src[:, offset:]
-
-            def hook(act, hook):
-                view = act.view(n, batch, *act.shape[1:])
-                for j, idx in enumerate(chunk):
-                    _set(view[j], src, kind, idx, offset)
-                return act
-
-            hooks = [(hook_name(activation, layer), hook)]
+            at: dict[int, list[tuple[int, PatchIndex]]] = {}
+            for j, idx in enumerate(chunk):
+                at.setdefault(idx.layer, []).append((j, idx))
+            hooks = [(hook_name(activation, l), self._patch_hook(activation, kind, l, offset, n, members))
+                     for l, members in at.items()]
         x = self.base_cache[f"blocks.{layer}.hook_resid_pre"][:, offset:].repeat(n, 1, 1)
         kv = self._kv_prefix(layer, offset, n) if offset > 0 else None
         with own_hooks(tl, hooks), sdpa_attention(tl):
             resid = tl(x, start_at_layer=layer, stop_at_layer=self.model.n_layers, past_kv_cache=kv)
-        final = self.final_idx.repeat(n) - offset
-        reached = final >= 0  # prompts that end before the patched position are unchanged
+        final = self.final_idx.repeat(n)
+        patched_at = torch.tensor([idx.pos or 0 for idx in chunk], device=final.device).repeat_interleave(batch)
+        reached = final >= patched_at  # prompts that end before their patch's position are unchanged
         rows = torch.arange(n * batch, device=resid.device)
-        last = resid[rows, final.clamp(min=0)]
+        last = resid[rows, (final - offset).clamp(min=0)]
         logits = unembed_final(tl, last[:, None, :])[:, 0]
         logits = torch.where(reached[:, None], logits, self.base_final.repeat(n, 1))
         return self._values(logits, n).view(n, batch).mean(1)
 
+    def _patch_hook(self, activation: str, kind: str, layer: int, offset: int, n: int,
+                    members: list[tuple[int, PatchIndex]]):
+        """A hook writing the source activation into copy j for each (j, patch) of `members`."""
+        src = self.source_cache[hook_name(activation, layer)]
+        src = src[:, :, offset:] if kind == "pattern" else src[:, offset:]
+        batch = len(self.task)
+
+        def hook(act, hook):
+            view = act.view(n, batch, *act.shape[1:])
+            for j, idx in members:
+                _set(view[j], src, kind, idx, offset)
+            return act
+
+        return hook
 
     def _per_query_hooks(self, activation: str, layer: int, offset: int, chunk: list[PatchIndex]):
         """Hooks patching one query head's view of a key or value: its attention scores against the

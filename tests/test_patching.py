@@ -6,6 +6,7 @@ import torch
 import transformer_lens.patching as P
 
 from conftest import make_toy_tl
+from circuits.own_hooks import own_hooks
 from circuits.patching import PatchIndex, PatchingRun, head_indices, layer_pos_indices
 from workbench.errors import WorkbenchError
 from workbench.models import from_hooked_transformer
@@ -28,6 +29,13 @@ def tl_metric(run, task):
     return metric
 
 
+def counting_forwards(model, fn):
+    """`fn()` and the number of forwards it ran (calls reaching the last layer's output)."""
+    calls = []
+    with own_hooks(model.tl, [(f"blocks.{model.n_layers - 1}.hook_resid_post", lambda act, hook: calls.append(1))]):
+        return fn(), len(calls)
+
+
 CASES = [  # activation, reference function, by_position, axis order of the reference -> ours
     ("resid_pre", P.get_act_patch_resid_pre, True, None),
     ("resid_mid", P.get_act_patch_resid_mid, True, None),
@@ -45,9 +53,10 @@ CASES = [  # activation, reference function, by_position, axis order of the refe
 ]
 
 
+@pytest.mark.parametrize("merge", [False, True], ids=["group-per-forward", "groups-share-forwards"])
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 @pytest.mark.parametrize("activation, reference, by_position, order", CASES, ids=[f"{c[0]}-{c[1].__name__ if hasattr(c[1], '__name__') else i}" for i, c in enumerate(CASES)])
-def test_equals_transformerlens_on_a_toy_model(toy_mlp, activation, reference, by_position, order, direction):
+def test_equals_transformerlens_on_a_toy_model(toy_mlp, activation, reference, by_position, order, direction, merge):
     task = build_task(toy_mlp, "induction", {"n_prompts": 4, "seq_len": 6})
     run = PatchingRun(toy_mlp, task, "logit_diff", direction, (activation,))
     n_pos = run.clean_tokens.shape[1]
@@ -55,7 +64,11 @@ def test_equals_transformerlens_on_a_toy_model(toy_mlp, activation, reference, b
         indices = layer_pos_indices(toy_mlp, n_pos, by_position)
     else:
         indices = head_indices(toy_mlp, activation, n_pos, by_position)
-    ours = run.run(activation, indices, chunk_tokens=64, progress=False)  # small chunks: several per layer
+    # small chunks: several per layer; shared, forwards of up to 1,000 tokens hold several layers and positions
+    ours, n_forwards = counting_forwards(toy_mlp, lambda: run.run(activation, indices, chunk_tokens=1000 if merge else 64,
+                                                                  progress=False, merge=merge))
+    groups = len({(idx.layer, idx.pos or 0) for idx in indices})
+    assert n_forwards < groups if merge else n_forwards >= groups
     base_tokens = run.corrupt_tokens if direction == "denoise" else run.clean_tokens
     ref = reference(toy_mlp.tl, base_tokens, run.source_cache, tl_metric(run, task))
     ref = (ref.permute(*order) if order else ref).reshape(-1).cpu()
@@ -116,6 +129,16 @@ def test_mixed_length_prompts_patch_per_position(smollm2):
     last = logits[rows, run.final_idx]
     expected = (last[rows, task.answer_ids()] - last[rows, task.wrong_ids()]).mean()
     assert ours.item() == pytest.approx(expected.item(), abs=1e-4)
+    # patches of two layers and of positions on both sides of a prompt's end, sharing forwards
+    indices = [PatchIndex(layer, p) for layer in (0, 20) for p in sorted({0, pos, lengths[0], lengths[-1] - 1})]
+    alone, n_alone = counting_forwards(smollm2, lambda: run.run("resid_pre", indices, progress=False, merge=False))
+    shared, n_shared = counting_forwards(smollm2, lambda: run.run("resid_pre", indices, progress=False, merge=True))
+    default, n_default = counting_forwards(smollm2, lambda: run.run("resid_pre", indices, progress=False))
+    assert n_alone == len(indices) and n_shared == 1
+    # by default groups share forwards on a GPU only (on the CPU arithmetic outweighs a forward's fixed cost)
+    assert n_default == n_alone if torch.device(smollm2.device).type == "cpu" else n_default <= n_alone
+    assert torch.allclose(default, alone, atol=1e-4)
+    assert torch.allclose(shared, alone, atol=1e-4)
 
 
 def test_head_sweep_method_frame_and_bad_input(smollm2, store, toy):
