@@ -213,30 +213,14 @@ def atp(args, rates) -> None:
 
 
 def retrieval(args, rates) -> None:
-    from circuits.retrieval import greedy_generate
-
     shape, n_tokens = ("llama-3.2-1b", 4096) if args.device != "cpu" else ("smollm2-135m", 1024)
     for dtype in ("float32", "bfloat16"):
         model, hf = load(shape, dtype, args.device, keep_hf=True)
         hf.to(dtype=model.tl.cfg.dtype)
-        prompt = random_task(model, 1, n_tokens).clean[0]
-        x = torch.tensor([prompt], device=model.device)
-        n_new = 32
-
-        def ours():
-            with torch.no_grad():
-                greedy_generate(model, prompt, n_new, track_argmax=True, stop_at_special=False)
-
-        def reference():
-            with torch.no_grad():
-                hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n_new, min_new_tokens=n_new,
-                            do_sample=False, pad_token_id=0)
-
-        ours(), reference()  # warm-up
+        prompt, n_new = random_task(model, 1, n_tokens).clean[0], 32
+        ours, reference = decoders(model, hf, prompt, n_new)
         if args.device == "cpu":  # alternated, best of three each: a 2-core machine's speed drifts between runs
-            t_ours, t_ref = float("inf"), float("inf")
-            for _ in range(3):
-                t_ours, t_ref = min(t_ours, timed(ours, args.device, warmup=0)), min(t_ref, timed(reference, args.device, warmup=0))
+            t_ours, t_ref = alternated(ours, reference, args.device, 3)
             (_, m_ours), (_, m_ref) = peak_tensor_bytes(ours), peak_tensor_bytes(reference)  # untimed: counting slows each operator
         else:
             t_ours, m_ours = peak_bytes(ours, args.device)
@@ -252,19 +236,12 @@ def retrieval(args, rates) -> None:
     host_bound_decode(args)
 
 
-def host_bound_decode(args) -> None:
-    """Decoding where the arithmetic is negligible: the 1B shape's 16 layers and head layout at width
-    64, a 64-token prompt. What is left is the host's work per step (Python, dispatch, launches),
-    which is what a GPU decoding a 1B model waits on; measured on any device."""
-    from workbench.models.shapes import SHAPES
-
+def decoders(model, hf, prompt: list[int], n_new: int):
+    """(ours, reference), warmed up: greedy decoding of `n_new` tokens reading every head's argmax,
+    and Hugging Face's greedy `generate` on the same weights."""
     from circuits.retrieval import greedy_generate
 
-    SHAPES.setdefault("llama-3.2-1b-narrow", {**SHAPES["llama-3.2-1b"], "vocab_size": 49152, "hidden_size": 64,
-                                              "intermediate_size": 128, "head_dim": 2})
-    model, hf = load("llama-3.2-1b-narrow", "float32", args.device, keep_hf=True)
-    prompt = random_task(model, 1, 64).clean[0]
-    x, n_new = torch.tensor([prompt], device=model.device), 64
+    x = torch.tensor([prompt], device=model.device)
 
     def ours():
         with torch.no_grad():
@@ -275,10 +252,29 @@ def host_bound_decode(args) -> None:
             hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n_new, min_new_tokens=n_new,
                         do_sample=False, pad_token_id=0)
 
-    ours(), reference()  # warm-up
+    ours(), reference()
+    return ours, reference
+
+
+def alternated(ours, reference, device, runs: int) -> tuple[float, float]:
+    """Best time of each over `runs` alternated runs (a shared machine's speed drifts between runs)."""
     t_ours, t_ref = float("inf"), float("inf")
-    for _ in range(5):  # alternated, best of five each
-        t_ours, t_ref = min(t_ours, timed(ours, args.device, warmup=0)), min(t_ref, timed(reference, args.device, warmup=0))
+    for _ in range(runs):
+        t_ours, t_ref = min(t_ours, timed(ours, device, warmup=0)), min(t_ref, timed(reference, device, warmup=0))
+    return t_ours, t_ref
+
+
+def host_bound_decode(args) -> None:
+    """Decoding where the arithmetic is negligible: the 1B shape's 16 layers and head layout at width
+    64, a 64-token prompt. What is left is the host's work per step (Python, dispatch, launches),
+    which is what a GPU decoding a 1B model waits on; measured on any device."""
+    from workbench.models.shapes import SHAPES
+
+    SHAPES.setdefault("llama-3.2-1b-narrow", {**SHAPES["llama-3.2-1b"], "vocab_size": 49152, "hidden_size": 64,
+                                              "intermediate_size": 128, "head_dim": 2})
+    model, hf = load("llama-3.2-1b-narrow", "float32", args.device, keep_hf=True)
+    prompt, n_new = random_task(model, 1, 64).clean[0], 64
+    t_ours, t_ref = alternated(*decoders(model, hf, prompt, n_new), args.device, 5)
     row(f"host-bound decoding, 1B layout at width 64, 64 tokens + {n_new}, float32", t_ours, t_ref, "HF generate (SDPA)")
     print(f"    time ours / HF: {t_ours / t_ref:.2f} ({1e3 * t_ours / n_new:.1f} vs {1e3 * t_ref / n_new:.1f} ms a step)", flush=True)
 
