@@ -18,7 +18,8 @@ measured time over that floor (1.0 would be every cycle on useful arithmetic).
   Hugging Face's greedy `generate` with SDPA attention on the same weights: time and peak memory
   (on the CPU, where no allocator keeps a peak, the peak of tensors alive), the kernels one
   decoding step launches, and decoding where arithmetic is negligible (the 1B layout at width 64:
-  the host's time per step, which a GPU decoding the 1B shape waits on);
+  the host's time per step, which a GPU decoding the 1B shape waits on); `--retrieval SHAPE:TOKENS`
+  picks the case (the GPU's, llama-3.2-1b:4096, also runs on the CPU);
 - `eap`: EAP and EAP-IG (5 steps) over every edge of the GPT-2-small shape, 1,000 prompts;
 - `long`: every method family on one long prompt (8k tokens on the 135M shape, 4k on the 1B shape;
   `--cpu-long` tokens on the CPU): seconds and peak memory, beside one layer's whole pattern;
@@ -214,6 +215,8 @@ def atp(args, rates) -> None:
 
 def retrieval(args, rates) -> None:
     shape, n_tokens = ("llama-3.2-1b", 4096) if args.device != "cpu" else ("smollm2-135m", 1024)
+    if args.retrieval:  # e.g. the GPU target's case on the CPU: llama-3.2-1b:4096
+        shape, n_tokens = args.retrieval.split(":")[0], int(args.retrieval.split(":")[1])
     for dtype in ("float32", "bfloat16"):
         model, hf = load(shape, dtype, args.device, keep_hf=True)
         hf.to(dtype=model.tl.cfg.dtype)
@@ -232,7 +235,7 @@ def retrieval(args, rates) -> None:
         if dtype == "float32":
             ours_k, ref_k = decode_step_kernels(model, hf, prompt)
             print(f"    kernels per decoding step (operators that compute, views aside): ours {ours_k}, HF {ref_k}", flush=True)
-        del model, hf
+        del model, hf, ours, reference  # the decoders hold both models: free them before the next dtype loads
     host_bound_decode(args)
 
 
@@ -425,6 +428,8 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=32, help="heads the reference sweep is timed on")
     parser.add_argument("--eap-prompts", type=int, default=1000)
     parser.add_argument("--cpu-long", type=int, default=1024, help="the long prompt's length on the CPU")
+    parser.add_argument("--retrieval", help="SHAPE:TOKENS of the retrieval case (default llama-3.2-1b:4096 on a GPU, "
+                        "smollm2-135m:1024 on the CPU)")
     args = parser.parse_args()
     from workbench.paths import configure_threads
 

@@ -29,11 +29,13 @@ def make_toy_tl(n_layers=2, n_heads=4, d_head=8, d_vocab=50, n_ctx=64, seed=0, a
     """A small random HookedTransformer (no tokenizer): token ids in, logits out."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+    from workbench.models import default_device
+
     torch.manual_seed(seed)
     cfg = HookedTransformerConfig(
         n_layers=n_layers, n_heads=n_heads, d_head=d_head, d_model=n_heads * d_head, d_vocab=d_vocab,
         n_ctx=n_ctx, attn_only=attn_only, act_fn=None if attn_only else "gelu", seed=seed,
-        normalization_type=normalization_type, init_weights=True, **extra,
+        normalization_type=normalization_type, init_weights=True, device=default_device(), **extra,
     )
     tl = HookedTransformer(cfg)
     tl.eval()
@@ -94,3 +96,32 @@ def store(tmp_path):
     from workbench.store import Store
 
     return Store(tmp_path / "store")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--host-only", action="store_true",
+                     help="on a machine without a GPU, keep models on the host instead of the emulated second device")
+
+
+def pytest_configure(config):
+    """Without a GPU, models under test go to an emulated second device (tests/emulated_device.py), so
+    a test or method that mixes host and device tensors fails here as it would on a GPU."""
+    if torch.cuda.is_available() or config.getoption("--host-only"):
+        return
+    import transformer_lens.config.hooked_transformer_config as tl_config
+
+    import workbench.models as models
+    import workbench.models.registry as registry
+    from emulated_device import DEVICE, EmulatedDevice, mark, patch_safetensors, place
+
+    registry.default_device = models.default_device = tl_config.get_device = lambda: str(DEVICE)
+    made = torch.nn.Parameter.__new__
+
+    def parameter(cls, data=None, requires_grad=True):  # a parameter is where its data was made
+        out = made(cls, data, requires_grad)
+        mark(out, place(data) if data is not None else None)
+        return out
+
+    torch.nn.Parameter.__new__ = parameter
+    patch_safetensors()
+    EmulatedDevice().__enter__()  # for the whole session: session fixtures' models are tracked too

@@ -134,7 +134,7 @@ def _direct_circuit_metric(model, task, graph, keep, ablated):
             if tgt.hook != hook.name:
                 continue
             before = [layer for layer in range(n) if layer < tgt.layer or (layer == tgt.layer and tgt.input == "mlp")]
-            x = sum((tl.blocks[layer].attn.b_O for layer in before), torch.zeros(model.d_model))
+            x = sum((tl.blocks[layer].attn.b_O for layer in before), torch.zeros(model.d_model, device=model.device))
             for s in range(len(graph.sources)):
                 if graph.valid[s, t]:
                     x = x + (current[s] if keep[s, t] else ablated[:, :, s])
@@ -174,7 +174,7 @@ def test_circuits_equal_the_direct_sum_of_kept_and_ablated_outputs(ablation, nor
     corrupt, lengths = task.tokens("corrupted")
     _, cache = model.tl.run_with_cache(corrupt, names_filter=lambda n: n in names)
     outputs = source_outputs(model, graph, cache)
-    real = (torch.arange(corrupt.shape[1])[None, :] < lengths[:, None]).float()[:, :, None, None]
+    real = (torch.arange(corrupt.shape[1])[None, :] < lengths[:, None]).float()[:, :, None, None].to(outputs.device)
     ablated = {"corrupted": outputs, "zero": torch.zeros_like(outputs),
                "mean": ((outputs * real).sum((0, 1)) / real.sum()).expand_as(outputs)}[ablation]
     generator = torch.Generator().manual_seed(0)

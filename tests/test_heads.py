@@ -156,7 +156,7 @@ def test_sink_alpha_and_rate_equal_a_direct_computation(random_toy, query_blocks
         _, cache = random_toy.tl.run_with_cache(torch.tensor([prompt]))
         weight = torch.arange(1, n + 1, dtype=torch.float64)[:, None]  # q + 1
         for k in range(1, n):
-            got = sum((cache["pattern", layer][0].double()[:, k:, k] * weight[k:, 0]).sum(-1).mean() / (n - k)
+            got = sum((cache["pattern", layer][0].double().cpu()[:, k:, k] * weight[k:, 0]).sum(-1).mean() / (n - k)
                       for layer in range(random_toy.n_layers)) / random_toy.n_layers
             ratios.setdefault(prompt[k], []).append(float(got))
     tokens = result.metric("token_sink_ratio")

@@ -36,7 +36,7 @@ def _z(tl, tokens, hooks=()):
 
 
 def test_the_fused_forward_equals_transformer_lens_and_restores_it(tl):
-    tokens = torch.randint(0, 50, (2, 24), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 50, (2, 24), generator=torch.Generator().manual_seed(0)).to(tl.cfg.device)
     expected, z_expected = _z(tl, tokens)
     with sdpa_attention(tl) as fused:
         assert fused and all(covered(block.attn) for block in tl.blocks)
@@ -47,10 +47,10 @@ def test_the_fused_forward_equals_transformer_lens_and_restores_it(tl):
 
 
 def test_prefill_in_chunks_through_a_kv_cache_equals_one_forward(tl):
-    tokens = torch.randint(0, 50, (1, 30), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, 50, (1, 30), generator=torch.Generator().manual_seed(1)).to(tl.cfg.device)
     with torch.no_grad():
         expected = tl(tokens, stop_at_layer=tl.cfg.n_layers)
-        cache = TransformerLensKeyValueCache.init_cache(tl.cfg, tokens.device, 1)
+        cache = TransformerLensKeyValueCache.init_cache(tl.cfg, tl.cfg.device, 1)
         parts = []
         with sdpa_attention(tl):
             for start in (0, 7, 19, 29):  # chunks of 7, 12, 10 and a single token
@@ -76,9 +76,9 @@ def test_decoding_token_by_token_equals_one_forward_and_the_entry_holds_every_ke
     equal one TransformerLens forward over the whole sequence, whether the storage was reserved for
     the whole length (exactly that length, even where the first chunk is long enough that growing
     would overshoot it) or had to grow several times."""
-    tokens = torch.randint(0, 50, (1, 60), generator=torch.Generator().manual_seed(4))
+    tokens = torch.randint(0, 50, (1, 60), generator=torch.Generator().manual_seed(4)).to(tl.cfg.device)
     expected, cache_full = _cached_hooks(tl, tokens)
-    cache = TransformerLensKeyValueCache.init_cache(tl.cfg, tokens.device, 1)
+    cache = TransformerLensKeyValueCache.init_cache(tl.cfg, tl.cfg.device, 1)
     if storage == "reserved":
         reserve(cache, 60)
     parts, steps, argmax = [], [], {}
@@ -102,10 +102,10 @@ def test_decoding_token_by_token_equals_one_forward_and_the_entry_holds_every_ke
 def test_an_entry_replaced_from_outside_or_frozen_is_read_as_it_stands(tl):
     """Entries another caller replaced (a batch of caches stacked, rows dropped) are read afresh, not
     from stale storage; a frozen prefix shared by several continuations is never extended."""
-    tokens = torch.randint(0, 50, (2, 30), generator=torch.Generator().manual_seed(5))
+    tokens = torch.randint(0, 50, (2, 30), generator=torch.Generator().manual_seed(5)).to(tl.cfg.device)
     expected, _ = _cached_hooks(tl, tokens)
     with torch.no_grad(), sdpa_attention(tl):
-        cache = TransformerLensKeyValueCache.init_cache(tl.cfg, tokens.device, 2)
+        cache = TransformerLensKeyValueCache.init_cache(tl.cfg, tl.cfg.device, 2)
         tl(tokens[:, :20], past_kv_cache=cache, attention_mask=torch.ones_like(tokens[:, :20]), stop_at_layer=tl.cfg.n_layers)
         for entry in cache.entries:  # keep the second row only, as a batch that drops a finished row does
             entry.past_keys, entry.past_values = entry.past_keys[1:].clone(), entry.past_values[1:].clone()
@@ -114,7 +114,7 @@ def test_an_entry_replaced_from_outside_or_frozen_is_read_as_it_stands(tl):
         resid = tl(rest, past_kv_cache=cache, attention_mask=torch.ones_like(rest), stop_at_layer=tl.cfg.n_layers)
         assert torch.allclose(resid, expected[1:, 20:], atol=1e-5)
 
-        prefix = TransformerLensKeyValueCache.init_cache(tl.cfg, tokens.device, 2)
+        prefix = TransformerLensKeyValueCache.init_cache(tl.cfg, tl.cfg.device, 2)
         tl(tokens[:, :12], past_kv_cache=prefix, attention_mask=torch.ones_like(tokens[:, :12]), stop_at_layer=tl.cfg.n_layers)
         prefix.freeze()
         for stop in (13, 30, 16):
@@ -129,14 +129,14 @@ def test_a_hook_on_the_rotated_keys_sees_every_key_as_in_transformer_lens(tl):
     them all; the fused forward keeps rotated keys, but with a hook there it hands the hook every key."""
     if tl.cfg.positional_embedding_type != "rotary":
         pytest.skip("no rotary keys in this shape")
-    tokens = torch.randint(0, 50, (1, 20), generator=torch.Generator().manual_seed(6))
+    tokens = torch.randint(0, 50, (1, 20), generator=torch.Generator().manual_seed(6)).to(tl.cfg.device)
 
     def halve_head_0(act, hook):
         act[:, :, 0] = act[:, :, 0] / 2
         return act
 
     def decode(fused: bool):
-        lengths, cache = [], TransformerLensKeyValueCache.init_cache(tl.cfg, tokens.device, 1)
+        lengths, cache = [], TransformerLensKeyValueCache.init_cache(tl.cfg, tl.cfg.device, 1)
         hooks = [("blocks.1.attn.hook_rot_k", halve_head_0),
                  ("blocks.1.attn.hook_rot_k", lambda act, hook: lengths.append(act.shape[1]))]
         parts = []
@@ -154,7 +154,7 @@ def test_a_hook_on_the_rotated_keys_sees_every_key_as_in_transformer_lens(tl):
 
 
 def test_query_hooks_still_act_and_a_hooked_pattern_keeps_transformer_lens_forward(tl):
-    tokens = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(2))
+    tokens = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(2)).to(tl.cfg.device)
 
     def zero_head_0(act, hook):  # a uniform-attention head, as retrieval masking does
         act[:, :, 0] = 0
@@ -199,12 +199,12 @@ def test_a_prompt_past_the_rotary_table_reads_the_same_before_and_after_the_tabl
     tl = make_toy_tl(n_layers=2, seed=3, attn_only=False, positional_embedding_type="rotary", rotary_dim=8,
                      normalization_type="RMS", n_ctx=4096, dtype=torch.bfloat16)
     model = from_hooked_transformer(tl, "toy-bf16")
-    tokens = torch.randint(0, 50, (1, 2100), generator=torch.Generator().manual_seed(2))
+    tokens = torch.randint(0, 50, (1, 2100), generator=torch.Generator().manual_seed(2)).to(tl.cfg.device)
     assert tl.blocks[0].attn.rotary_cos.shape[0] == 2048
     reads = []
     with torch.no_grad():
         for _ in range(2):
-            cache = TransformerLensKeyValueCache.init_cache(tl.cfg, tokens.device, 1)
+            cache = TransformerLensKeyValueCache.init_cache(tl.cfg, tl.cfg.device, 1)
             reads.append(prefill(model, tokens, cache))
     assert tl.blocks[0].attn.rotary_cos.shape[0] == 4096
     assert torch.equal(reads[0], reads[1])
@@ -217,7 +217,7 @@ def test_each_block_normalises_its_residual_once_and_keeps_nothing_after_its_att
     from torch.utils._python_dispatch import TorchDispatchMode
 
     tl = make_toy_tl(n_layers=3, seed=8, **SHAPES["rotary-gqa-rms"])
-    tokens = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(9))
+    tokens = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(9)).to(tl.cfg.device)
 
     class Powers(TorchDispatchMode):  # RMS normalisation squares its input once per call
         n = 0
@@ -261,7 +261,7 @@ def test_entered_again_with_the_same_arguments_it_swaps_nothing_and_still_record
     """A decoding loop enters fused attention once and each step's call enters it again: the inner
     entry must leave the outer forwards in place (re-wrapping them each step cost a fifth of a step's
     host time) and they must still record the argmax."""
-    tokens = torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(4))
+    tokens = torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(4)).to(tl.cfg.device)
     argmax, other = {}, {}
     with torch.no_grad(), sdpa_attention(tl, argmax):
         outer = [block.attn.forward for block in tl.blocks]
@@ -283,7 +283,7 @@ def test_entered_again_with_the_same_arguments_it_swaps_nothing_and_still_record
 def test_a_padded_mask_keeps_transformer_lens_forward_even_when_changed_in_place(tl):
     """Whether a mask pads is read once per mask tensor, not once per layer; a mask changed in place
     between two forwards is read again."""
-    tokens = torch.randint(1, 50, (2, 10), generator=torch.Generator().manual_seed(5))
+    tokens = torch.randint(1, 50, (2, 10), generator=torch.Generator().manual_seed(5)).to(tl.cfg.device)
     mask = torch.ones_like(tokens)
     padded = mask.clone()
     padded[1, :4] = 0

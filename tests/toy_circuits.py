@@ -24,10 +24,13 @@ SHARP = 20.0  # attention logit of a match (after the 1/sqrt(d_head) scale)
 def make_induction_toy(decoy: bool = False):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+    from workbench.models import default_device
+
     tok, pos, prev = 0, VOCAB, VOCAB + N_CTX
     d_model, d_head = 2 * VOCAB + N_CTX, max(VOCAB, N_CTX)
     cfg = HookedTransformerConfig(n_layers=2, n_heads=2, d_head=d_head, d_model=d_model, d_vocab=VOCAB, n_ctx=N_CTX,
-                                  attn_only=True, act_fn=None, normalization_type=None, init_weights=False)
+                                  attn_only=True, act_fn=None, normalization_type=None, init_weights=False,
+                                  device=default_device())
     tl = HookedTransformer(cfg)
     with torch.no_grad():
         for p in tl.parameters():

@@ -1,0 +1,31 @@
+"""The emulated second device (`pytest --emulate-device`) refuses what CUDA refuses and changes no result."""
+
+import pytest
+import torch
+
+from emulated_device import DEVICE, EmulatedDevice
+
+
+def test_mixing_host_and_device_tensors_raises_as_on_a_gpu_and_moving_them_fixes_it():
+    with EmulatedDevice():
+        layer = torch.nn.Linear(4, 3).to(DEVICE)
+        x = torch.randn(2, 4)
+        with pytest.raises(RuntimeError, match="same device"):
+            layer(x)
+        y = layer(x.to(layer.weight.device))
+        assert y.device == DEVICE and torch.zeros(3, device=y.device).device == DEVICE
+        with pytest.raises(RuntimeError, match="same device"):
+            torch.allclose(y, torch.zeros(2, 3))
+        with pytest.raises(TypeError, match="numpy"):
+            y.detach().numpy()
+        assert y.detach().cpu().numpy().shape == (2, 3)
+        assert y[torch.tensor([1, 0])].shape == (2, 3)  # host indices into a device tensor are allowed
+        with pytest.raises(RuntimeError, match="indexed with"):
+            x[torch.tensor([1], device=DEVICE)]
+        assert (y + torch.tensor(1.0)).shape == (2, 3)  # a host scalar tensor is allowed
+        moved = x.to(DEVICE)
+        with pytest.raises(RuntimeError, match="same device"):
+            moved + torch.ones(4)  # the moved copy is on the device; x itself stays on the host
+        assert (x + torch.ones(4)).shape == (2, 4)
+    expected = x @ layer.weight.detach().cpu().T + layer.bias.detach().cpu()
+    assert torch.allclose(y.detach().cpu(), expected, atol=1e-6)  # the arithmetic is the CPU's
