@@ -20,8 +20,9 @@ from torch.utils._pytree import tree_flatten
 
 DEVICE = torch.device("cpu", 0)
 DEV, HOST = "device", "host"
-MOVES = {"to", "cpu", "cuda", "copy_", "type_as", "__setitem__", "set_", "pin_memory"}  # cross-device by design
-NO_CHECK = MOVES | {"__getitem__", "__setitem__", "_has_compatible_shallow_copy_type", "is_same_size", "is_set_to"}
+# cross-device by design (moves, copies), or reading no values
+NO_CHECK = {"to", "cpu", "cuda", "copy_", "type_as", "set_", "pin_memory", "_has_compatible_shallow_copy_type",
+            "is_same_size", "is_set_to"}
 
 
 def _wrapped(tensor: torch.Tensor) -> bool:
