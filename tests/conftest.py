@@ -108,20 +108,6 @@ def pytest_configure(config):
     a test or method that mixes host and device tensors fails here as it would on a GPU."""
     if torch.cuda.is_available() or config.getoption("--host-only"):
         return
-    import transformer_lens.config.hooked_transformer_config as tl_config
+    from emulated_device import install
 
-    import workbench.models as models
-    import workbench.models.registry as registry
-    from emulated_device import DEVICE, EmulatedDevice, mark, patch_safetensors, place
-
-    registry.default_device = models.default_device = tl_config.get_device = lambda: str(DEVICE)
-    made = torch.nn.Parameter.__new__
-
-    def parameter(cls, data=None, requires_grad=True):  # a parameter is where its data was made
-        out = made(cls, data, requires_grad)
-        mark(out, place(data) if data is not None else None)
-        return out
-
-    torch.nn.Parameter.__new__ = parameter
-    patch_safetensors()
-    EmulatedDevice().__enter__()  # for the whole session: session fixtures' models are tracked too
+    install()

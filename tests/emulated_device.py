@@ -151,3 +151,23 @@ def patch_safetensors() -> None:
     safetensors.safe_open = safe_open
     safetensors.torch.load_file = load_file
 
+
+def install() -> None:
+    """For the whole session (session fixtures' models are tracked too): workbench's models and the
+    suite's toy models go to the emulated device, parameters are where their data was made, and
+    every operator runs under `EmulatedDevice`."""
+    import workbench.models as models
+    import workbench.models.registry as registry
+
+    registry.default_device = models.default_device = lambda: str(DEVICE)
+    made = torch.nn.Parameter.__new__
+
+    def parameter(cls, data=None, requires_grad=True):
+        out = made(cls, data, requires_grad)
+        mark(out, place(data) if data is not None else None)
+        return out
+
+    torch.nn.Parameter.__new__ = parameter
+    patch_safetensors()
+    EmulatedDevice().__enter__()
+
