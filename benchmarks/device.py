@@ -125,6 +125,12 @@ def sweep(args, rates) -> None:
             with torch.no_grad():
                 group_k = kernels(lambda: run.run("z", group, progress=False, merge=False))
             print(f"    kernels of one by-position group (layer {layer}, position {pos}, every head): {group_k}", flush=True)
+            last = [i for i in indices if i.layer == model.n_layers - 1]
+            with torch.no_grad():
+                mm_flops, moved = traffic(lambda: run.run("z", last, progress=False))
+            need = model.n_heads * args.prompts * n_tokens * layer_flops(model.cfg, n_tokens / 2) + len(last) * args.prompts * 2 * model.cfg.d_model * model.d_vocab
+            print(f"    last layer's sweep: matrix-product FLOPs dispatched {mm_flops / need:.3f} of the floor's; other "
+                  f"operators move {moved / (model.n_heads * args.prompts * n_tokens) / 1e3:.0f} kB a token", flush=True)
             if n_tokens == 14:
                 by_position(args, model, task, run)
             rows = torch.arange(len(task), device=model.device)
@@ -287,20 +293,76 @@ VIEWS = {"view", "slice", "unsqueeze", "transpose", "permute", "t", "expand", "_
 
 
 def kernels(fn) -> int:
-    """Operators `fn` dispatches that compute something (view operators aside): on a GPU each is a
-    kernel launch, which is what short work waits on whatever the device's speed."""
+    """Operators `fn` dispatches that compute something (view operators aside), as CUDA runs them:
+    on a GPU each is a kernel launch, which is what short work waits on whatever the device's speed.
+    `F.rms_norm` counts as one: a fused kernel on CUDA, which PyTorch's CPU build runs as its parts."""
+    from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
-        n = 0
+        n, inside_fused = 0, False
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += func.overloadpacket.__name__ not in VIEWS
+            self.n += not self.inside_fused and func.overloadpacket.__name__ not in VIEWS
             return func(*args, **(kwargs or {}))
 
-    with Count() as count:
+    class FusedOnCuda(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is not torch.nn.functional.rms_norm or count.inside_fused:
+                return func(*args, **(kwargs or {}))
+            count.n, count.inside_fused = count.n + 1, True
+            try:
+                return func(*args, **(kwargs or {}))
+            finally:
+                count.inside_fused = False
+
+    with Count() as count, FusedOnCuda():
         fn()
     return count.n
+
+
+MATMULS = {"mm", "addmm", "bmm", "baddbmm"}
+
+
+def traffic(fn) -> tuple[float, float]:
+    """(FLOPs of the matrix products `fn` dispatches, bytes its other computing operators read and
+    write): arithmetic against the floor's, and the memory traffic that elementwise work adds to it
+    on a GPU. Counted as CUDA runs them: a fused `F.rms_norm` reads its input and writes its output.
+    PyTorch's counter sees no FLOPs in the CPU's fused attention kernel and a full square of scores
+    in CUDA's, where the floor counts the causal half."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def size(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tree_flatten(tensors)[0] if isinstance(t, torch.Tensor))
+
+    class Bytes(TorchDispatchMode):
+        n, inside_fused = 0, False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if not self.inside_fused and name not in VIEWS and name not in MATMULS and not func.is_view:
+                self.n += size((args, kwargs, out))
+            return out
+
+    class FusedOnCuda(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is not torch.nn.functional.rms_norm or count.inside_fused:
+                return func(*args, **(kwargs or {}))
+            count.inside_fused = True
+            try:
+                out = func(*args, **(kwargs or {}))
+            finally:
+                count.inside_fused = False
+            count.n += size((args[0], out))
+            return out
+
+    with FlopCounterMode(display=False) as flops, Bytes() as count, FusedOnCuda():
+        fn()
+    return flops.get_total_flops(), count.n
 
 
 def decode_step_kernels(model, hf, prompt: list[int]) -> tuple[int, int]:

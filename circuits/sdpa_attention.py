@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
+from circuits.fused_norm import fused_norm
+
 SUPPORTED_POSITIONS = ("standard", "rotary")
 
 
@@ -238,21 +240,29 @@ def sdpa_attention(tl, argmax: dict[int, Tensor] | None = None, queries_keys: Qu
     ([batch, head]; the pattern's argmax, read from the scores without the softmax). With
     `queries_keys`, each fused layer hands it (layer, queries [batch, head, query, d_head], keys
     [batch, kv head, key, d_head], scale): the rotated queries and keys its scores are made of, so a
-    caller can compute the pattern in blocks of its own choosing. Entered again inside itself with the
-    same `argmax` and `queries_keys` (a decoding loop around per-step calls), it swaps nothing."""
+    caller can compute the pattern in blocks of its own choosing. The blocks' and the final norms run
+    as PyTorch's own where no hook reads inside them (`circuits.fused_norm`). Entered again inside
+    itself with the same `argmax` and `queries_keys` (a decoding loop around per-step calls), it
+    swaps nothing."""
     if all(getattr(block.attn.forward, "fused_with", None) == (id(argmax), id(queries_keys)) for block in tl.blocks):
         yield all(covered(block.attn) for block in tl.blocks)  # already inside the same block: nothing to swap
         return
     swapped, padding = [], _Padding()
+
+    def swap(module, forward) -> None:
+        swapped.append((module, "forward" in module.__dict__, module.__dict__.get("forward")))
+        module.forward = forward
+
     try:
+        for norm in [getattr(block, "ln2", None) for block in tl.blocks] + [getattr(tl, "ln_final", None)]:
+            if norm is not None and (fused := fused_norm(norm, norm.forward)):
+                swap(norm, fused)
         for block in tl.blocks:
             ln1, forget = getattr(block, "ln1", None), None
             if ln1 is not None and any(isinstance(m, HookPoint) for m in ln1.modules()):
-                swapped.append((ln1, "forward" in ln1.__dict__, ln1.__dict__.get("forward")))
-                ln1.forward = _normalised_once(ln1, ln1.forward)
+                swap(ln1, _normalised_once(ln1, fused_norm(ln1, ln1.forward) or ln1.forward))
                 forget = ln1.forward.forget
-            swapped.append((block.attn, "forward" in block.attn.__dict__, block.attn.__dict__.get("forward")))
-            block.attn.forward = _fused_forward(block.attn, block.attn.forward, argmax, forget, queries_keys, padding)
+            swap(block.attn, _fused_forward(block.attn, block.attn.forward, argmax, forget, queries_keys, padding))
             block.attn.forward.fused_with = (id(argmax), id(queries_keys))
         yield all(covered(block.attn) for block in tl.blocks)
     finally:
