@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 DEVICE = torch.device("cpu", 0)
 DEV, HOST = "device", "host"
@@ -31,9 +30,8 @@ def _wrapped(tensor: torch.Tensor) -> bool:
 
 
 def place(tensor: torch.Tensor) -> str | None:
-    if _wrapped(tensor):  # not tracked inside a transform
-        return None
-    return getattr(tensor, "_emulated_place", None)
+    where = getattr(tensor, "_emulated_place", None)
+    return None if where is None or _wrapped(tensor) else where  # not tracked inside a transform
 
 
 def mark(tensor: torch.Tensor, where: str | None) -> None:
@@ -42,6 +40,20 @@ def mark(tensor: torch.Tensor, where: str | None) -> None:
             tensor._emulated_place = where
         except (AttributeError, RuntimeError):  # a tensor type that keeps no attributes
             pass
+
+
+def _tensors(obj, found: list) -> list:
+    """The tensors in an operator's arguments or result (torch's tree_flatten, less its generality: it
+    runs on every operator, and the general walk made the emulated suite twice as slow)."""
+    if isinstance(obj, torch.Tensor):
+        found.append(obj)
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            _tensors(item, found)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            _tensors(item, found)
+    return found
 
 
 def _place_of_device(device) -> str | None:
@@ -86,17 +98,21 @@ class EmulatedDevice(TorchFunctionMode):
                 return DEVICE  # functorch transforms here run over model activations only
             if attribute == "is_cuda" and place(args[0]) == DEV:
                 return False
+            out = func(*args, **kwargs)  # an attribute: a tensor read from one (`.grad`, `.data`) is where it is
+            if isinstance(out, torch.Tensor) and out is not args[0]:
+                mark(out, place(args[0]))
+            return out
         if name == "__set__":  # `param.data = tensor`: the parameter is now where that tensor is
             out = func(*args, **kwargs)
             if getattr(getattr(func, "__self__", None), "__name__", "") == "data" and isinstance(args[1], torch.Tensor):
                 mark(args[0], place(args[1]))
             return out
-        inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
-        self._check(name, func, args, inputs)
+        inputs = _tensors(kwargs, _tensors(args, []))
+        places = [place(t) for t in inputs]
+        self._check(name, func, args, inputs, places)
         out = func(*args, **kwargs)
         named, where = _target(name, args, kwargs)
         if not named:
-            places = {place(t) for t in inputs}
             where = DEV if DEV in places else HOST if HOST in places else (HOST if not inputs else None)
         if (named and where is not None and isinstance(out, torch.Tensor) and out is args[0] and not _wrapped(out)
                 and place(out) != where):
@@ -105,17 +121,17 @@ class EmulatedDevice(TorchFunctionMode):
                 return out
             out = out.view_as(out)  # a moved copy is a new tensor; the original stays where it was
         seen = {id(t) for t in inputs}
-        for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor) and id(tensor) not in seen:
+        for tensor in _tensors(out, []):
+            if id(tensor) not in seen:
                 mark(tensor, where)
         return out
 
     @staticmethod
-    def _check(name: str, func, args, inputs: list[torch.Tensor]) -> None:
-        if name in ("numpy", "__array__") and inputs and place(inputs[0]) == DEV:
+    def _check(name: str, func, args, inputs: list[torch.Tensor], places: list[str | None]) -> None:
+        if name in ("numpy", "__array__") and inputs and places[0] == DEV:
             raise TypeError("can't convert an (emulated) device tensor to numpy; use .cpu() first")
         if name == "__getitem__" or name == "__setitem__":
-            indices = [a for a in tree_flatten(args[1])[0] if isinstance(a, torch.Tensor)]
+            indices = _tensors(args[1], [])
             if place(args[0]) == HOST and any(place(i) == DEV for i in indices):
                 raise RuntimeError(f"{name}: a host tensor indexed with (emulated) device indices")
             if name == "__setitem__" and indices and isinstance(args[2], torch.Tensor) and args[2].dim() > 0:
@@ -124,10 +140,8 @@ class EmulatedDevice(TorchFunctionMode):
             return
         if name in NO_CHECK:
             return
-        dev = any(place(t) == DEV for t in inputs)
-        host = [t for t in inputs if place(t) == HOST and t.dim() > 0]
-        if dev and host:
-            shapes = ", ".join(f"{place(t)} {tuple(t.shape)}" for t in inputs if place(t))
+        if DEV in places and any(p == HOST and t.dim() > 0 for t, p in zip(inputs, places)):
+            shapes = ", ".join(f"{p} {tuple(t.shape)}" for t, p in zip(inputs, places) if p)
             raise RuntimeError(f"Expected all tensors to be on the same device (emulated): {name or func} got {shapes}")
 
 
