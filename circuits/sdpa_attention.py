@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
+from circuits.fused_block import fused_block, fused_gated_mlp
 from circuits.fused_norm import fused_norm
 
 SUPPORTED_POSITIONS = ("standard", "rotary")
@@ -54,6 +55,12 @@ def _pattern_hooked(attn) -> bool:
 QueriesKeys = Callable[[int, Tensor, Tensor, float], None]  # (layer, queries, keys, scale)
 
 
+def _version(t: Tensor) -> int | None:
+    """`t`'s count of in-place writes; None for a tensor made under `torch.inference_mode`, which
+    keeps no count (known by identity alone then: nothing here writes to one in place)."""
+    return None if t.is_inference() else t._version
+
+
 class _Padding:
     """Whether an attention mask masks any key, read once per mask (every layer of a forward gets the
     same mask; reading it waits for the device, which a decoding step should do once, not per layer)."""
@@ -64,8 +71,8 @@ class _Padding:
     def __call__(self, mask: Tensor | None) -> bool:
         if mask is None:
             return False
-        if not (self.last[0] is mask and self.last[1] == mask._version):
-            self.last = (mask, mask._version, not bool(mask.all()))
+        if not (self.last[0] is mask and self.last[1] == _version(mask)):
+            self.last = (mask, _version(mask), not bool(mask.all()))
         return self.last[2]
 
 
@@ -123,7 +130,7 @@ def _fused_forward(attn, original, argmax: dict[int, Tensor] | None, forget: Cal
 
 def _rotary(attn, x: Tensor, offset: int) -> Tensor:
     """TransformerLens's rotary embedding of `x` [batch, pos, head, d_head] at positions offset,
-    offset + 1, ...: x cos + rotate_half(x) sin in four kernels where TransformerLens's takes eight
+    offset + 1, ...: x cos + rotate_half(x) sin in three kernels where TransformerLens's takes eight
     (a clone and two indexed copies to rotate, a final concatenation); its own where the layer
     rotates only part of each head, pairs adjacent dimensions or needs a longer table."""
     cfg, n = attn.cfg, x.shape[1]
@@ -134,9 +141,22 @@ def _rotary(attn, x: Tensor, offset: int) -> Tensor:
     if (cfg.rotary_dim != x.shape[-1] or cfg.rotary_adjacent_pairs or offset + n > attn.rotary_cos.shape[0]
             or x.device != attn.rotary_cos.device):
         return attn.apply_rotary(x, offset)
-    cos, sin = attn.rotary_cos[None, offset : offset + n, None], attn.rotary_sin[None, offset : offset + n, None]
+    cos, sin = attn.rotary_cos[None, offset : offset + n, None], _signed_sin(attn)[None, offset : offset + n, None]
     half = x.shape[-1] // 2
-    return torch.addcmul(x * cos, torch.cat([-x[..., half:], x[..., :half]], -1), sin)
+    return torch.addcmul(x * cos, torch.cat([x[..., half:], x[..., :half]], -1), sin)
+
+
+def _signed_sin(attn) -> Tensor:
+    """TransformerLens's sine table with its first half negated: rotate_half(x) * sin is then
+    cat([x2, x1]) * this, the same products (a sign moves between factors), with no kernel negating
+    half of every query and key. Kept on the layer until its table is replaced (grown, moved) or
+    written to."""
+    table, kept = attn.rotary_sin, attn.__dict__.get("_workbench_signed_sin")
+    if kept is None or kept[0] is not table or kept[1] != _version(table):
+        half = table.shape[-1] // 2
+        kept = (table, _version(table), torch.cat([-table[:, :half], table[:, half:]], -1))
+        attn.__dict__["_workbench_signed_sin"] = kept
+    return kept[2]
 
 
 def _frozen_keys_values(attn, entry, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -216,10 +236,10 @@ def _normalised_once(ln, original):
     def forward(x):
         if any(point.fwd_hooks or point.bwd_hooks for point in points):
             return original(x)
-        if last and last[0] is x and last[1] == x._version:
+        if last and last[0] is x and last[1] == _version(x):
             return last[2]
         out = original(x)
-        last[:] = [x, x._version, out]
+        last[:] = [x, _version(x), out]
         return out
 
     def forget():  # called by the block's attention, so no layer's norm outlives its block
@@ -241,7 +261,8 @@ def sdpa_attention(tl, argmax: dict[int, Tensor] | None = None, queries_keys: Qu
     `queries_keys`, each fused layer hands it (layer, queries [batch, head, query, d_head], keys
     [batch, kv head, key, d_head], scale): the rotated queries and keys its scores are made of, so a
     caller can compute the pattern in blocks of its own choosing. The blocks' and the final norms run
-    as PyTorch's own where no hook reads inside them (`circuits.fused_norm`). Entered again inside
+    as PyTorch's own where no hook reads inside them (`circuits.fused_norm`), blocks and gated MLPs
+    without TransformerLens's idle additions (`circuits.fused_block`). Entered again inside
     itself with the same `argmax` and `queries_keys` (a decoding loop around per-step calls), it
     swaps nothing."""
     if all(getattr(block.attn.forward, "fused_with", None) == (id(argmax), id(queries_keys)) for block in tl.blocks):
@@ -258,6 +279,9 @@ def sdpa_attention(tl, argmax: dict[int, Tensor] | None = None, queries_keys: Qu
             if norm is not None and (fused := fused_norm(norm, norm.forward)):
                 swap(norm, fused)
         for block in tl.blocks:
+            for module, fuse in ((block, fused_block), (getattr(block, "mlp", None), fused_gated_mlp)):
+                if module is not None and (forward := fuse(module)):
+                    swap(module, forward)
             ln1, forget = getattr(block, "ln1", None), None
             if ln1 is not None and any(isinstance(m, HookPoint) for m in ln1.modules()):
                 swap(ln1, _normalised_once(ln1, fused_norm(ln1, ln1.forward) or ln1.forward))

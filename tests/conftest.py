@@ -25,8 +25,10 @@ def _isolated_home(tmp_path_factory):
     yield home
 
 
-def make_toy_tl(n_layers=2, n_heads=4, d_head=8, d_vocab=50, n_ctx=64, seed=0, attn_only=True, normalization_type="LN", **extra):
-    """A small random HookedTransformer (no tokenizer): token ids in, logits out."""
+def make_toy_tl(n_layers=2, n_heads=4, d_head=8, d_vocab=50, n_ctx=64, seed=0, attn_only=True, normalization_type="LN",
+                act_fn=None, **extra):
+    """A small random HookedTransformer (no tokenizer): token ids in, logits out; MLPs are GELU
+    unless `act_fn` says otherwise."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from workbench.models import default_device
@@ -34,7 +36,7 @@ def make_toy_tl(n_layers=2, n_heads=4, d_head=8, d_vocab=50, n_ctx=64, seed=0, a
     torch.manual_seed(seed)
     cfg = HookedTransformerConfig(
         n_layers=n_layers, n_heads=n_heads, d_head=d_head, d_model=n_heads * d_head, d_vocab=d_vocab,
-        n_ctx=n_ctx, attn_only=attn_only, act_fn=None if attn_only else "gelu", seed=seed,
+        n_ctx=n_ctx, attn_only=attn_only, act_fn=None if attn_only else act_fn or "gelu", seed=seed,
         normalization_type=normalization_type, init_weights=True, device=default_device(), **extra,
     )
     tl = HookedTransformer(cfg)

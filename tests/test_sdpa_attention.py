@@ -16,6 +16,8 @@ SHAPES = {
     "standard-layernorm": dict(attn_only=False, normalization_type="LN"),
     "rotary-gqa-rms": dict(attn_only=False, n_key_value_heads=2, positional_embedding_type="rotary", rotary_dim=8,
                            normalization_type="RMS"),
+    "gated-rotary-gqa-rms": dict(attn_only=False, gated_mlp=True, act_fn="silu", n_key_value_heads=2,
+                                 positional_embedding_type="rotary", rotary_dim=8, normalization_type="RMS"),
 }
 
 
@@ -43,7 +45,7 @@ def test_the_fused_forward_equals_transformer_lens_and_restores_it(tl):
         logits, z = _z(tl, tokens)
     assert torch.allclose(logits, expected, atol=1e-5)
     assert z.keys() == z_expected.keys() and all(torch.allclose(z[k], z_expected[k], atol=1e-5) for k in z)
-    assert all("forward" not in block.attn.__dict__ for block in tl.blocks)
+    assert all("forward" not in module.__dict__ for module in tl.modules())
 
 
 def test_prefill_in_chunks_through_a_kv_cache_equals_one_forward(tl):
@@ -182,11 +184,55 @@ def test_the_rotary_embedding_equals_transformer_lens_at_every_offset(layout):
 
     tl = make_toy_tl(n_layers=1, seed=3, positional_embedding_type="rotary", n_ctx=16, **layout)
     attn = tl.blocks[0].attn
-    x = torch.randn(2, 5, tl.cfg.n_heads, tl.cfg.d_head, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 5, tl.cfg.n_heads, tl.cfg.d_head, generator=torch.Generator().manual_seed(0)).to(tl.cfg.device)
     for offset in (0, 7, 11):  # up to the end of the context
         expected = attn.apply_rotary(x, offset)
         assert torch.allclose(_rotary(attn, x, offset), expected, atol=1e-6)
     assert not torch.allclose(_rotary(attn, x, 3), _rotary(attn, x, 4), atol=1e-3)  # the offset matters
+
+
+def test_the_rotary_table_kept_with_its_sign_follows_the_layers_table():
+    """The fused rotary keeps a copy of the sine table with half its sign flipped (so no kernel
+    negates half of every query and key): it is made again when the table is written to or
+    replaced, as a conversion to another dtype does."""
+    from circuits.sdpa_attention import _rotary
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    tl = make_toy_tl(n_layers=1, seed=3, positional_embedding_type="rotary", rotary_dim=8, n_ctx=16)
+    attn = tl.blocks[0].attn
+    x = torch.randn(2, 5, tl.cfg.n_heads, tl.cfg.d_head, generator=torch.Generator().manual_seed(0)).to(tl.cfg.device)
+    _rotary(attn, x, 0)
+    with Ops() as ops:
+        assert torch.allclose(_rotary(attn, x, 3), attn.apply_rotary(x, 3), atol=1e-6)
+    assert "neg" not in ops.names[: ops.names.index("addcmul") + 1]  # ours negates nothing (TransformerLens's does)
+    tl.to(torch.bfloat16)  # replaced by tables of another dtype
+    x = x.to(torch.bfloat16)
+    close = lambda: torch.allclose(_rotary(attn, x, 3).float(), attn.apply_rotary(x, 3).float(), atol=2e-2)  # a unit in the last place
+    assert _rotary(attn, x, 3).dtype == torch.bfloat16 and close()
+    with torch.no_grad():
+        attn.rotary_sin[:] = attn.rotary_sin * 0.5  # written to in place
+    assert close()
+
+
+def test_a_forward_under_inference_mode_equals_transformer_lens():
+    """Tensors made under `torch.inference_mode` keep no count of in-place writes, which the
+    normalise-once memo, the mask check and the kept rotary table read: they are known by identity
+    then, and a forward there (one growing the rotary table too) gives TransformerLens's results."""
+    tl = make_toy_tl(n_layers=2, seed=1, **SHAPES["gated-rotary-gqa-rms"], n_ctx=4096)
+    short, long = (torch.randint(0, 50, (2, n), generator=torch.Generator().manual_seed(n)) for n in (8, 2100))
+    with torch.inference_mode(), sdpa_attention(tl):
+        fused = [tl(short), tl(long, attention_mask=torch.ones_like(long))]
+    with torch.no_grad():
+        assert all(torch.allclose(a, tl(t), atol=1e-4) for a, t in zip(fused, (short, long)))
 
 
 def test_a_prompt_past_the_rotary_table_reads_the_same_before_and_after_the_table_grows():
@@ -273,7 +319,7 @@ def test_entered_again_with_the_same_arguments_it_swaps_nothing_and_still_record
             assert all(block.attn.forward is not f for block, f in zip(tl.blocks, outer))
             tl(tokens)
         assert all(block.attn.forward is f for block, f in zip(tl.blocks, outer))
-    assert all("forward" not in block.attn.__dict__ for block in tl.blocks)
+    assert all("forward" not in module.__dict__ for module in tl.modules())
     _, reference = _cached_hooks(tl, tokens)
     for layer in range(tl.cfg.n_layers):
         expected = reference[f"blocks.{layer}.attn.hook_pattern"][:, :, -1].argmax(-1)
