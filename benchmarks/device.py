@@ -201,6 +201,7 @@ def by_position(args, model, task, run) -> None:
 
 def atp(args, rates) -> None:
     from circuits.attribution_patching import attribution_patch
+    from circuits.sdpa_attention import sdpa_attention
 
     cases = [("smollm2-135m", 14, "float32"), ("smollm2-135m", 128, "bfloat16"), ("llama-3.2-1b", 128, "bfloat16")]
     for shape, n_tokens, dtype in (cases if args.device != "cpu" else cases[:1]):
@@ -214,8 +215,11 @@ def atp(args, rates) -> None:
             f"(one forward {forward:.4f} s)", ours)
         with torch.no_grad():
             forward_k = kernels(lambda: model.tl(tokens))
+            with sdpa_attention(model.tl):  # warmed up by the timed runs
+                fused_k = kernels(lambda: model.tl(tokens))
         atp_k = kernels(lambda: attribution_patch(model, task, ("z",)))
-        print(f"    kernels: attribution patching {atp_k}, one forward {forward_k} ({atp_k / forward_k:.2f} forwards)", flush=True)
+        print(f"    kernels: attribution patching {atp_k}, one forward {forward_k} ({atp_k / forward_k:.2f} forwards), "
+              f"one forward with fused attention {fused_k}", flush=True)
         del model
 
 
