@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKBENCH = str(Path(sys.executable).parent / "workbench")
@@ -42,6 +43,18 @@ def make_toy_tl(n_layers=2, n_heads=4, d_head=8, d_vocab=50, n_ctx=64, seed=0, a
     tl = HookedTransformer(cfg)
     tl.eval()
     return tl
+
+
+class DispatchedOps(TorchDispatchMode):
+    """The names of the operators dispatched inside it, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(scope="session")

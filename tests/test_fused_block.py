@@ -5,11 +5,10 @@ forward, and a forward dispatches three fewer operators a layer."""
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import circuits.sdpa_attention as sdpa
 from circuits.own_hooks import own_hooks
-from conftest import make_toy_tl
+from conftest import DispatchedOps, make_toy_tl
 
 GATED = dict(n_layers=3, seed=5, attn_only=False, gated_mlp=True, act_fn="silu", normalization_type="RMS",
              n_key_value_heads=2, positional_embedding_type="rotary", rotary_dim=8)
@@ -52,16 +51,6 @@ def test_every_hook_point_fires_in_transformer_lens_order_with_its_values(shape,
     assert torch.allclose(logits, expected, atol=1e-5)
 
 
-class Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 def test_a_forward_dispatches_three_fewer_operators_a_layer(monkeypatch):
     """Two additions of 0.0 and the MLP's separate bias addition go; the multiplication becomes an
     addcmul. Against the same fused forward with TransformerLens's block and MLP."""
@@ -71,7 +60,7 @@ def test_a_forward_dispatches_three_fewer_operators_a_layer(monkeypatch):
     def ops():
         with torch.no_grad(), sdpa.sdpa_attention(tl):
             tl(tokens)  # the first forward keeps the rotary table it needs
-            with Ops() as counted:
+            with DispatchedOps() as counted:
                 tl(tokens)
         return counted.names
 

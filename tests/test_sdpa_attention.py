@@ -10,7 +10,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from circuits.own_hooks import own_hooks
 from circuits.sdpa_attention import covered, reserve, sdpa_attention
-from conftest import make_toy_tl
+from conftest import DispatchedOps, make_toy_tl
 
 SHAPES = {
     "standard-layernorm": dict(attn_only=False, normalization_type="LN"),
@@ -196,22 +196,12 @@ def test_the_rotary_table_kept_with_its_sign_follows_the_layers_table():
     negates half of every query and key): it is made again when the table is written to or
     replaced, as a conversion to another dtype does."""
     from circuits.sdpa_attention import _rotary
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
 
     tl = make_toy_tl(n_layers=1, seed=3, positional_embedding_type="rotary", rotary_dim=8, n_ctx=16)
     attn = tl.blocks[0].attn
     x = torch.randn(2, 5, tl.cfg.n_heads, tl.cfg.d_head, generator=torch.Generator().manual_seed(0)).to(tl.cfg.device)
     _rotary(attn, x, 0)
-    with Ops() as ops:
+    with DispatchedOps() as ops:
         assert torch.allclose(_rotary(attn, x, 3), attn.apply_rotary(x, 3), atol=1e-6)
     assert "neg" not in ops.names[: ops.names.index("addcmul") + 1]  # ours negates nothing (TransformerLens's does)
     tl.to(torch.bfloat16)  # replaced by tables of another dtype
