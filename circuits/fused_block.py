@@ -25,8 +25,8 @@ def fused_block(block) -> Callable | None:
     for a shortformer position embedding or split or repeated attention inputs (checked at each
     call: they can be switched on inside a fused run); None for a configuration it does not cover."""
     cfg = block.cfg
-    if (cfg.parallel_attn_mlp or cfg.use_normalization_before_and_after or cfg.original_architecture in POST_NORM_ARCHITECTURES
-            or "forward" in block.__dict__):
+    if (type(block).__name__ != "TransformerBlock" or cfg.parallel_attn_mlp or cfg.use_normalization_before_and_after
+            or cfg.original_architecture in POST_NORM_ARCHITECTURES or "forward" in block.__dict__):
         return None
     original = block.forward
 

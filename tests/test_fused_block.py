@@ -73,3 +73,13 @@ def test_a_forward_dispatches_three_fewer_operators_a_layer(monkeypatch):
     assert (theirs.count("add") - ours.count("add"), theirs.count("mul") - ours.count("mul")) == (3 * n, n)
     assert ours.count("addcmul") - theirs.count("addcmul") == n
     assert ours.count("add") == 2 * n  # what is left: each block's two residual additions
+
+
+def test_a_parallel_block_keeps_transformer_lens_forward():
+    tl = make_toy_tl(**{**LAYERNORM, "parallel_attn_mlp": True})
+    tokens = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0)).to(tl.cfg.device)
+    expected, seen_expected = recorded(tl, tokens)
+    with sdpa.sdpa_attention(tl):
+        assert not any("forward" in block.__dict__ for block in tl.blocks)
+        logits, seen = recorded(tl, tokens)
+    assert [name for name, _ in seen] == [name for name, _ in seen_expected] and torch.allclose(logits, expected, atol=1e-5)
