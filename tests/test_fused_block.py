@@ -34,7 +34,7 @@ def test_every_hook_point_fires_in_transformer_lens_order_with_its_values(shape,
     tl = make_toy_tl(**shape)
     gated = shape is GATED
     for block in tl.blocks:  # a bias for the gated MLP's addcmul to add (TransformerLens initialises it to 0)
-        block.mlp.b_in.data.normal_(generator=torch.Generator().manual_seed(block.attn.layer_id))
+        block.mlp.b_in.data.copy_(torch.randn(block.mlp.b_in.shape, generator=torch.Generator().manual_seed(block.attn.layer_id)))
     if switch == "mlp_in":
         tl.set_use_hook_mlp_in(True)
     if switch == "split_qkv":  # checked at each call: TransformerLens's own block

@@ -218,7 +218,7 @@ def test_a_forward_under_inference_mode_equals_transformer_lens():
     normalise-once memo, the mask check and the kept rotary table read: they are known by identity
     then, and a forward there (one growing the rotary table too) gives TransformerLens's results."""
     tl = make_toy_tl(n_layers=2, seed=1, **SHAPES["gated-rotary-gqa-rms"], n_ctx=4096)
-    short, long = (torch.randint(0, 50, (2, n), generator=torch.Generator().manual_seed(n)) for n in (8, 2100))
+    short, long = (torch.randint(0, 50, (2, n), generator=torch.Generator().manual_seed(n)).to(tl.cfg.device) for n in (8, 2100))
     with torch.inference_mode(), sdpa_attention(tl):
         fused = [tl(short), tl(long, attention_mask=torch.ones_like(long))]
     with torch.no_grad():
