@@ -28,12 +28,7 @@ DTYPES = [torch.bfloat16, torch.float16]
 @pytest.fixture(scope="module")
 def models():
     tl = make_toy_tl(n_layers=2, n_heads=4, d_head=8, seed=1, attn_only=False, normalization_type="LN")
-    out = {torch.float32: from_hooked_transformer(tl, "toy")}
-    for dtype in DTYPES:
-        low = copy.deepcopy(tl).to(dtype)
-        low.cfg.dtype = dtype
-        out[dtype] = from_hooked_transformer(low, f"toy-{dtype}")
-    return out
+    return {dtype: in_precision(tl, dtype, "toy") for dtype in [torch.float32, *DTYPES]}
 
 
 def results(model, method, params=None):
