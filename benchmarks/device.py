@@ -293,7 +293,7 @@ def host_bound_decode(args) -> None:
 
 
 VIEWS = {"view", "slice", "unsqueeze", "transpose", "permute", "t", "expand", "_unsafe_view", "alias", "select",
-         "as_strided", "_reshape_alias", "detach", "squeeze", "split", "unbind", "_local_scalar_dense", "lift_fresh"}
+         "as_strided", "_reshape_alias", "detach", "squeeze", "split", "split_with_sizes", "unflatten", "unbind", "_local_scalar_dense", "lift_fresh"}
 
 
 def kernels(fn) -> int:

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
-from circuits.fused_block import fused_block, fused_gated_mlp
+from circuits.fused_block import bare, fire, fused_block, fused_gated_mlp
 from circuits.fused_norm import fused_norm
+from workbench.models.joint_weights import joint_weights
 
 SUPPORTED_POSITIONS = ("standard", "rotary")
 
@@ -89,13 +90,13 @@ def _fused_forward(attn, original, argmax: dict[int, Tensor] | None, forget: Cal
             return original(query_input, key_input, value_input, past_kv_cache_entry=past_kv_cache_entry,
                             additive_attention_mask=additive_attention_mask, attention_mask=attention_mask,
                             position_bias=position_bias)
-        q, k, v = attn.calculate_qkv_matrices(query_input, key_input, value_input)  # [batch, pos, head, d_head]
+        q, k, v = _projections(attn, query_input, key_input, value_input)  # [batch, pos, head, d_head]
         rotary, entry = attn.cfg.positional_embedding_type == "rotary", past_kv_cache_entry
         offset = 0 if entry is None else entry.past_keys.size(1)
         if rotary:  # positions are 0, 1, ... (no padding here)
-            q = attn.hook_rot_q(_rotary(attn, q, offset))
+            q = fire(attn.hook_rot_q, _rotary(attn, q, offset))
         if entry is None:
-            keys = attn.hook_rot_k(_rotary(attn, k, 0)) if rotary else k
+            keys = fire(attn.hook_rot_k, _rotary(attn, k, 0)) if rotary else k
             keys, values = keys.transpose(1, 2), v.transpose(1, 2)
         elif entry.frozen:
             keys, values = _frozen_keys_values(attn, entry, k, v)
@@ -121,11 +122,23 @@ def _fused_forward(attn, original, argmax: dict[int, Tensor] | None, forget: Cal
                                              <= offset + torch.arange(n_q, device=q.device)[:, None])
             z = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=offset == 0 and n_q > 1, scale=scale,
                                                enable_gqa=keys.shape[1] != q.shape[1])
-        z = attn.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
+        z = fire(attn.hook_z, z.transpose(1, 2))  # [batch, pos, head, d_head]
         w = attn.W_O.reshape(-1, attn.W_O.shape[-1]).T  # [d_model, head x d_head]
         return F.linear(z.reshape(z.shape[0], z.shape[1], -1).to(w.dtype), w, attn.b_O)
 
     return forward
+
+
+def _projections(attn, query_input: Tensor, key_input: Tensor, value_input: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Queries, keys and values [batch, pos, head, d_head]: one product by the layer's joint
+    weight (`workbench.models.joint_weights`) where the three read the same input and no hook
+    reads them, views of its output then; else TransformerLens's three."""
+    joint, cfg = joint_weights(attn), attn.cfg
+    if (joint is None or not (query_input is key_input is value_input) or cfg.use_qk_norm or cfg.use_split_qkv_input
+            or cfg.use_attn_in or not (bare(attn.hook_q) and bare(attn.hook_k) and bare(attn.hook_v))):
+        return attn.calculate_qkv_matrices(query_input, key_input, value_input)
+    out = F.linear(query_input, joint.weight, joint.bias)
+    return tuple(part.unflatten(-1, (-1, cfg.d_head)) for part in out.split(joint.sizes, -1))
 
 
 def _rotary(attn, x: Tensor, offset: int) -> Tensor:
@@ -133,30 +146,31 @@ def _rotary(attn, x: Tensor, offset: int) -> Tensor:
     offset + 1, ...: x cos + rotate_half(x) sin in three kernels where TransformerLens's takes eight
     (a clone and two indexed copies to rotate, a final concatenation); its own where the layer
     rotates only part of each head, pairs adjacent dimensions or needs a longer table."""
-    cfg, n = attn.cfg, x.shape[1]
-    if attn.rotary_cos.shape[0] < offset + n <= cfg.n_ctx and hasattr(attn, "_extend_rotary_embeddings"):
+    cfg, end, length = attn.cfg, offset + x.shape[1], attn.rotary_cos.shape[0]
+    if length < end <= cfg.n_ctx and hasattr(attn, "_extend_rotary_embeddings"):
         # grow the table as TransformerLens would on first need, so the same kernels (and bfloat16
         # rounding) run before and after it has grown: a session's first long prompt reads as its next
-        attn._extend_rotary_embeddings(min(cfg.n_ctx, max(offset + n, 2 * attn.rotary_cos.shape[0])))
-    if (cfg.rotary_dim != x.shape[-1] or cfg.rotary_adjacent_pairs or offset + n > attn.rotary_cos.shape[0]
-            or x.device != attn.rotary_cos.device):
+        attn._extend_rotary_embeddings(min(cfg.n_ctx, max(end, 2 * length)))
+        length = attn.rotary_cos.shape[0]
+    cos, sin = _tables(attn)
+    if cfg.rotary_dim != x.shape[-1] or cfg.rotary_adjacent_pairs or end > length or x.device != cos.device:
         return attn.apply_rotary(x, offset)
-    cos, sin = attn.rotary_cos[None, offset : offset + n, None], _signed_sin(attn)[None, offset : offset + n, None]
-    half = x.shape[-1] // 2
-    return torch.addcmul(x * cos, torch.cat([x[..., half:], x[..., :half]], -1), sin)
+    # roll by half a head: cat([x2, x1]), rotate_half(x) up to the sign the table carries
+    return torch.addcmul(x * cos[:, offset:end], x.roll(x.shape[-1] // 2, -1), sin[:, offset:end])
 
 
-def _signed_sin(attn) -> Tensor:
-    """TransformerLens's sine table with its first half negated: rotate_half(x) * sin is then
-    cat([x2, x1]) * this, the same products (a sign moves between factors), with no kernel negating
-    half of every query and key. Kept on the layer until its table is replaced (grown, moved) or
-    written to."""
-    table, kept = attn.rotary_sin, attn.__dict__.get("_workbench_signed_sin")
-    if kept is None or kept[0] is not table or kept[1] != _version(table):
-        half = table.shape[-1] // 2
-        kept = (table, _version(table), torch.cat([-table[:, :half], table[:, half:]], -1))
-        attn.__dict__["_workbench_signed_sin"] = kept
-    return kept[2]
+def _tables(attn) -> tuple[Tensor, Tensor]:
+    """TransformerLens's cosine table and its sine table with the first half negated, each
+    [1, position, 1, d_head]: rotate_half(x) * sin is then cat([x2, x1]) * this, the same products
+    (a sign moves between factors), with no kernel negating half of every query and key. Kept on
+    the layer until its tables are replaced (grown, moved) or the sine table written to (the
+    cosine one is a view: it reads any write)."""
+    cos, sin, kept = attn.rotary_cos, attn.rotary_sin, attn.__dict__.get("_workbench_rotary")
+    if kept is None or kept[0] is not cos or kept[1] is not sin or kept[2] != _version(sin):
+        half = sin.shape[-1] // 2
+        kept = (cos, sin, _version(sin), cos[None, :, None], torch.cat([-sin[:, :half], sin[:, half:]], -1)[None, :, None])
+        attn.__dict__["_workbench_rotary"] = kept
+    return kept[3], kept[4]
 
 
 def _frozen_keys_values(attn, entry, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -164,7 +178,7 @@ def _frozen_keys_values(attn, entry, k: Tensor, v: Tensor) -> tuple[Tensor, Tens
     new ones, every key rotated, as TransformerLens does."""
     keys, values = entry.append(k, v)
     if attn.cfg.positional_embedding_type == "rotary":
-        keys = attn.hook_rot_k(_rotary(attn, keys, 0))
+        keys = fire(attn.hook_rot_k, _rotary(attn, keys, 0))
     return keys.transpose(1, 2), values.transpose(1, 2)
 
 
@@ -201,7 +215,7 @@ class _Storage:
                                                            self.values[:, :, :end].transpose(1, 2))
         if self.rotated is None:
             return self.keys[:, :, :end], self.values[:, :, :end]
-        if attn.hook_rot_k.fwd_hooks:  # a hook on the rotated keys sees (and may change) every key, as in TransformerLens
+        if not bare(attn.hook_rot_k):  # a hook on the rotated keys sees (and may change) every key, as in TransformerLens
             keys = attn.hook_rot_k(_rotary(attn, entry.past_keys, 0)).transpose(1, 2)
         else:
             keys = self.rotated[:, :, :end]
