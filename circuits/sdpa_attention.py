@@ -6,7 +6,8 @@ nothing reads a pattern (reading a needle prompt into the KV cache before decodi
 TransformerLens has no fused-attention path, so `sdpa_attention` swaps each layer's attention
 forward, for the duration of a block, for one that computes z with PyTorch's
 `scaled_dot_product_attention` (flash or memory-efficient kernels where the device has them): the
-same query/key/value projections, KV cache, rotary embedding and output projection as
+same query/key/value projections (one product where the layer's weights are joined and no hook
+reads them apart: `workbench.models.joint_weights`), KV cache, rotary embedding and output projection as
 TransformerLens's own forward, with hook_q/k/v, hook_rot_q/k and hook_z still firing. A layer whose
 configuration this does not cover (ALiBi, soft-capped scores, sinks, QK clipping, per-head results
 and the like), or whose scores or pattern carry a hook, keeps TransformerLens's forward, so results
