@@ -88,11 +88,13 @@ def ray_head():
 
 @pytest.fixture(scope="module")
 def slow_toy(tmp_path_factory):
-    """A 3-layer toy on which one ACDC unit takes seconds: long enough to kill its worker mid-unit."""
+    """A 5-layer toy on which one ACDC unit takes seconds (~2.5 s on 2 cores; a 3-layer one took
+    0.6-1.0 s, too close to the half second the killed-worker test waits): long enough to kill its
+    worker mid-unit, and for a driver to be killed with units left."""
     from workbench.models import save_tl_dir
 
-    path = tmp_path_factory.mktemp("toy3") / "toy-attn-3l"
-    save_tl_dir(make_toy_tl(n_layers=3, seed=3), path)
+    path = tmp_path_factory.mktemp("toy5") / "toy-attn-5l"
+    save_tl_dir(make_toy_tl(n_layers=5, seed=3), path)
     return path
 
 
