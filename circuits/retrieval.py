@@ -77,7 +77,11 @@ def prefill(model, x: Tensor, cache, argmax: dict[int, Tensor] | None = None) ->
         # as scores' dtype inside the kernel); else every head's scores
         per_query = (x.shape[0] * forward_bytes_per_token(cfg, 0) + n_keys * (1 + width) if fused
                      else x.shape[0] * cfg.n_heads * n_keys * width)
-        step = max(16, PREFILL_BYTES // per_query)
+        # on CUDA a masked chunk's grouped keys and values may go to the kernel one copy per head
+        # (`sdpa_attention.kernel_takes_groups`): a fixed cost of the chunk, whatever its length
+        grouped = fused and x.device.type == "cuda" and (cfg.n_key_value_heads or cfg.n_heads) < cfg.n_heads
+        expanded = 2 * x.shape[0] * cfg.n_heads * n_keys * cfg.d_head * width if grouped else 0
+        step = max(16, (PREFILL_BYTES - expanded) // per_query)
         for start in range(0, n_new, step):
             # an explicit mask: TransformerLens would otherwise treat pad-token ids in the prompt as padding
             chunk = x[:, start : start + step]

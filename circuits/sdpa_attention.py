@@ -121,13 +121,42 @@ def _fused_forward(attn, original, argmax: dict[int, Tensor] | None, forget: Cal
             # a query at offset + i sees keys 0 .. offset + i
             mask = None if offset == 0 or n_q == 1 else (torch.arange(n_k, device=q.device)[None, :]
                                              <= offset + torch.arange(n_q, device=q.device)[:, None])
-            z = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=offset == 0 and n_q > 1, scale=scale,
-                                               enable_gqa=keys.shape[1] != q.shape[1])
+            causal, grouped_keys = offset == 0 and n_q > 1, keys.shape[1] != q.shape[1]
+            if grouped_keys and not kernel_takes_groups(q, keys, values, mask, causal):
+                keys, values = expand_groups(keys, q.shape[1]), expand_groups(values, q.shape[1])
+                grouped_keys = False
+            z = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=scale,
+                                               enable_gqa=grouped_keys)
         z = fire(attn.hook_z, z.transpose(1, 2))  # [batch, pos, head, d_head]
         w = attn.W_O.reshape(-1, attn.W_O.shape[-1]).T  # [d_model, head x d_head]
         return F.linear(z.reshape(z.shape[0], z.shape[1], -1).to(w.dtype), w, attn.b_O)
 
     return forward
+
+
+_TAKES_GROUPS: dict[tuple, bool] = {}
+
+
+def kernel_takes_groups(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, causal: bool) -> bool:
+    """Whether a fused kernel takes grouped keys and values as they are. The CPU's does. On CUDA,
+    where PyTorch says neither flash attention (half precision, no mask) nor its memory-efficient
+    kernel would, it falls back to its math path, which holds every head's [query, key] scores
+    (a float32 model, a prompt read in masked chunks). Asked once per kind of call (dtype, mask or
+    not, causal, head size, gradients)."""
+    if q.device.type != "cuda":
+        return True
+    kind = (q.dtype, mask is None, causal, q.shape[-1], q.requires_grad, q.device)
+    if kind not in _TAKES_GROUPS:
+        params = torch.backends.cuda.SDPAParams(q, keys, values, mask, 0.0, causal, True)
+        _TAKES_GROUPS[kind] = (torch.backends.cuda.can_use_flash_attention(params)
+                               or torch.backends.cuda.can_use_efficient_attention(params))
+    return _TAKES_GROUPS[kind]
+
+
+def expand_groups(t: Tensor, n_heads: int) -> Tensor:
+    """Grouped keys or values [batch, kv head, key, d] as one head each [batch, head, key, d]:
+    query head h reads kv head h // group, as `enable_gqa` does."""
+    return t.repeat_interleave(n_heads // t.shape[1], dim=1)
 
 
 def _projections(attn, query_input: Tensor, key_input: Tensor, value_input: Tensor) -> tuple[Tensor, Tensor, Tensor]:

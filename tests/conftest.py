@@ -95,6 +95,13 @@ def demo_store(tmp_path_factory):
     return store, proc
 
 
+def needs(package: str):
+    """Skip, saying why, where a dependency `make test` installs is missing (a bare GPU machine's image)."""
+    from importlib.util import find_spec
+
+    return pytest.mark.skipif(find_spec(package) is None, reason=f"{package} is not installed here (`make test` installs it)")
+
+
 SLOW_FIXTURES = {"smollm2", "demo_store", "ray_head"}
 
 

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from streamlit.testing.v1 import AppTest
+
+pytest.importorskip("streamlit", reason="streamlit is not installed here (`make test` installs it)")
+from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from workbench.runner import run_method
 from workbench.store import Store

@@ -6,7 +6,7 @@ import pytest
 
 from workbench.store import Store
 
-from conftest import WORKBENCH
+from conftest import WORKBENCH, needs
 
 
 def wb(*args, store=None):
@@ -205,6 +205,7 @@ def test_listing_commands_put_the_name_first():
     assert wb("models").stdout.split()[0] == "smollm2-135m"
 
 
+@needs("ray")
 def test_ray_options_without_ray_and_an_address_nothing_serves_are_refused(tmp_path, grid_job):
     store = tmp_path / "store"
     assert_user_error(wb("run", grid_job, "--address", "127.0.0.1:6379", store=store), "apply to --executor ray")
@@ -241,6 +242,7 @@ def test_hub_model_offline_is_one_clear_error(tmp_path):
     assert snapshot(tmp_path / "s") is None
 
 
+@needs("streamlit")
 def test_dashboard_serves_on_localhost(tmp_path):
     import socket
     import time

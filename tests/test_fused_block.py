@@ -57,12 +57,28 @@ def test_a_forward_dispatches_three_fewer_operators_a_layer(monkeypatch):
     tl = make_toy_tl(**GATED)
     tokens = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0)).to(tl.cfg.device)
 
+    real = torch.nn.functional.scaled_dot_product_attention
+
     def ops():
+        """Outside the attention kernel, whose operators depend on the device (CUDA's math path)."""
         with torch.no_grad(), sdpa.sdpa_attention(tl):
             tl(tokens)  # the first forward keeps the rotary table it needs
             with DispatchedOps() as counted:
+                def marked(*args, **kwargs):
+                    counted.names.append("<attention>")
+                    z = real(*args, **kwargs)
+                    counted.names.append("</attention>")
+                    return z
+
+                monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", marked)
                 tl(tokens)
-        return counted.names
+                monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", real)
+        names, inside = [], False
+        for name in counted.names:
+            inside = name == "<attention>" or (inside and name != "</attention>")
+            names += [] if inside or name == "</attention>" else [name]
+        assert counted.names.count("<attention>") == tl.cfg.n_layers
+        return names
 
     ours = ops()
     monkeypatch.setattr(sdpa, "fused_block", lambda block: None)

@@ -202,7 +202,9 @@ def test_distance_profile_equals_direct_computation_and_finds_the_previous_token
     std = (sq / n_queries - mean**2).sqrt()
     assert torch.allclose(head_grid(result, "attn_distance_mean", random_toy), mean, atol=1e-6)
     assert torch.allclose(head_grid(result, "attn_distance_std", random_toy), std, atol=1e-6)
-    assert torch.allclose(result.tensors["distance_hist"].double(), hist / n_queries, atol=1e-6)
+    # a bin sums up to a dozen pattern entries a query: float32 scores computed in another order (CUDA's
+    # products) move it by a few 1e-6
+    assert torch.allclose(result.tensors["distance_hist"].double(), hist / n_queries, atol=1e-5)
 
     wired_task = build_task(wired, "induction", {"n_prompts": 4, "seq_len": 15})
     profile = run("heads.distance", wired, wired_task)

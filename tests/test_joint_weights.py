@@ -42,6 +42,12 @@ def fused(tl, x):
         return tl(x)
 
 
+def same_products(a, b) -> bool:
+    """Bit for bit on the CPU; CUDA picks a product's kernel by its operands' strides, which joining
+    changes, so there to float32 rounding."""
+    return torch.equal(a, b) if a.device.type == "cpu" else torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
 def joined(tl) -> list[bool]:
     return [joint_weights(m, grad=False) is not None for b in tl.blocks for m in (b.attn, b.mlp)]
 
@@ -54,13 +60,13 @@ def test_joined_parameters_keep_their_names_values_and_transformer_lens_forward(
     linear_layout(tl)
     after = tl.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
-    assert weights_hash(tl) == digest and torch.equal(tl(x), plain)  # TransformerLens's own products, bit for bit
+    assert weights_hash(tl) == digest and same_products(tl(x), plain)  # TransformerLens's own products
     attn = tl.blocks[0].attn
     names = ("W_Q", "_W_K", "_W_V", "b_Q", "_b_K", "_b_V") if shape is GATED else ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V")
     assert len({attn._parameters[n].untyped_storage().data_ptr() for n in names[:3]}) == 1
     assert joined(tl) == [True, shape is GATED] * tl.cfg.n_layers
     linear_layout(tl)  # again: nothing to do
-    assert torch.equal(tl(x), plain)
+    assert same_products(tl(x), plain)
 
 
 @SHAPES

@@ -255,11 +255,11 @@ def test_each_block_normalises_its_residual_once_and_keeps_nothing_after_its_att
     tl = make_toy_tl(n_layers=3, seed=8, **SHAPES["rotary-gqa-rms"])
     tokens = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(9)).to(tl.cfg.device)
 
-    class Powers(TorchDispatchMode):  # RMS normalisation squares its input once per call
+    class Powers(TorchDispatchMode):  # RMS normalisation squares its input once per call (CUDA: one fused kernel)
         n = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += func.overloadpacket.__name__ == "pow"
+            self.n += func.overloadpacket.__name__ in ("pow", "_fused_rms_norm")
             return func(*args, **(kwargs or {}))
 
     normalised = []  # weak references to every normalised residual: once a forward is over, none may be alive
@@ -331,3 +331,34 @@ def test_a_padded_mask_keeps_transformer_lens_forward_even_when_changed_in_place
             mask[1, :4] = 0  # the same tensor, now padding
             second = tl(tokens, attention_mask=mask)
     assert torch.allclose(first, whole, atol=1e-5) and torch.allclose(second, left_padded, atol=1e-5)
+
+
+def test_grouped_keys_copied_per_head_for_a_kernel_that_does_not_take_them_give_the_same_results(monkeypatch):
+    """On CUDA, where no fused kernel takes grouped keys (a float32 model, a masked chunk), each key
+    and value head goes to the kernel once per query head of its group, so PyTorch's math path
+    never holds the scores. Forced here: a whole forward and a prompt read in masked chunks through
+    a KV cache equal TransformerLens's, and the kernel saw one key and value head per query head."""
+    import circuits.sdpa_attention as sdpa
+
+    tl = make_toy_tl(n_layers=3, seed=11, **SHAPES["gated-rotary-gqa-rms"])
+    tokens = torch.randint(0, 50, (1, 30), generator=torch.Generator().manual_seed(1)).to(tl.cfg.device)
+    real, seen = torch.nn.functional.scaled_dot_product_attention, []
+
+    def recording(q, k, v, **kwargs):
+        seen.append((q.shape[1], k.shape[1], v.shape[1], kwargs["enable_gqa"], kwargs["attn_mask"] is not None))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(sdpa, "kernel_takes_groups", lambda *args: False)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    with torch.no_grad():
+        expected = tl(tokens, stop_at_layer=tl.cfg.n_layers)
+        cache = TransformerLensKeyValueCache.init_cache(tl.cfg, tl.cfg.device, 1)
+        with sdpa_attention(tl):
+            whole = tl(tokens, stop_at_layer=tl.cfg.n_layers)
+            chunks = [tl(tokens[:, a:b], past_kv_cache=cache, attention_mask=torch.ones_like(tokens[:, a:b]),
+                         stop_at_layer=tl.cfg.n_layers) for a, b in ((0, 11), (11, 30))]
+    assert torch.allclose(whole, expected, atol=1e-5) and torch.allclose(torch.cat(chunks, 1), expected, atol=1e-5)
+    heads = tl.cfg.n_heads
+    assert seen.count((heads, heads, heads, False, False)) == 2 * tl.cfg.n_layers  # the whole forward, the first chunk
+    assert seen.count((heads, heads, heads, False, True)) == tl.cfg.n_layers  # the second chunk, masked
+    assert len(seen) == 3 * tl.cfg.n_layers
