@@ -219,8 +219,8 @@ def top_circuit(store: Store, run_id: str, n_edges: int) -> tuple[pd.DataFrame, 
     Built from the stored scores and the model's shape alone (no model)."""
     from types import SimpleNamespace
 
-    from circuits.faithfulness import edge_metric, scores_from_rows, top_edges
-    from circuits.graph import build_graph
+    from circuits.discovery.faithfulness import edge_metric, scores_from_rows, top_edges
+    from circuits.discovery.graph import build_graph
     from workbench.spec import Need
 
     meta = store.meta(run_id)

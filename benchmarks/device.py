@@ -24,7 +24,7 @@ measured time over that floor (1.0 would be every cycle on useful arithmetic).
 - `eap`: EAP and EAP-IG (5 steps) over every edge of the GPT-2-small shape, 1,000 prompts;
 - `long`: every method family on one long prompt (8k tokens on the 135M shape, 4k on the 1B shape;
   `--cpu-long` tokens on the CPU): seconds and peak memory, beside one layer's whole pattern;
-- `fused`: fused attention (`circuits.sdpa_attention`) against TransformerLens's own attention, a
+- `fused`: fused attention (`workbench.fast_forward.attention`) against TransformerLens's own attention, a
   forward and a forward + backward at 17, 128 and 1,024 tokens.
 """
 
@@ -108,7 +108,7 @@ def sweep(args, rates) -> None:
     import pandas as pd
     import transformer_lens.patching as P
 
-    from circuits.patching import PatchingRun, head_indices
+    from circuits.patching.engine import PatchingRun, head_indices
 
     cases = [("llama-3.2-1b", 128, "bfloat16", False), ("llama-3.2-1b", 128, "float32", True),
              ("smollm2-135m", 14, "float32", False), ("smollm2-135m", 128, "float32", True),
@@ -163,13 +163,13 @@ def sweep(args, rates) -> None:
 
 def by_position(args, model, task, run) -> None:
     """The by-position head sweep: groups apart (a forward per layer and position) against groups
-    sharing forwards (`circuits.patch_groups`), and TransformerLens's (a forward per head and
+    sharing forwards (`circuits.patching.groups`), and TransformerLens's (a forward per head and
     position, timed on a sample). On the CPU, the last two layers' kernels only (groups run apart
     there by default)."""
     import pandas as pd
     import transformer_lens.patching as P
 
-    from circuits.patching import head_indices
+    from circuits.patching.engine import head_indices
 
     n_tokens = run.clean_tokens.shape[1]
     indices = head_indices(model, "z", n_tokens, True)
@@ -202,8 +202,8 @@ def by_position(args, model, task, run) -> None:
 
 
 def atp(args, rates) -> None:
-    from circuits.attribution_patching import attribution_patch
-    from circuits.sdpa_attention import sdpa_attention
+    from circuits.patching.attribution_patching import attribution_patch
+    from workbench.fast_forward.attention import sdpa_attention
 
     cases = [("smollm2-135m", 14, "float32"), ("smollm2-135m", 128, "bfloat16"), ("llama-3.2-1b", 128, "bfloat16")]
     for shape, n_tokens, dtype in [c for c in (cases if args.device != "cpu" else cases[:1]) if c[2] in args.precisions]:
@@ -254,7 +254,7 @@ def retrieval(args, rates) -> None:
 def decoders(model, hf, prompt: list[int], n_new: int):
     """(ours, reference), warmed up: greedy decoding of `n_new` tokens reading every head's argmax,
     and Hugging Face's greedy `generate` on the same weights."""
-    from circuits.retrieval import greedy_generate
+    from circuits.heads.retrieval import greedy_generate
 
     x = torch.tensor([prompt], device=model.device)
 
@@ -385,9 +385,9 @@ def decode_step_kernels(model, hf, prompt: list[int]) -> tuple[int, int]:
     """Kernels of one decoding step: ours with argmax tracking, Hugging Face's forward with its own cache."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-    from circuits.patching import unembed_final
-    from circuits.retrieval import prefill
-    from circuits.sdpa_attention import reserve
+    from circuits.patching.engine import unembed_final
+    from circuits.heads.retrieval import prefill
+    from workbench.fast_forward.attention import reserve
 
     x, token = torch.tensor([prompt], device=model.device), torch.tensor([[prompt[-1]]], device=model.device)
     with torch.no_grad():
@@ -402,8 +402,8 @@ def decode_step_kernels(model, hf, prompt: list[int]) -> tuple[int, int]:
 
 
 def eap(args, rates) -> None:
-    from circuits.eap import eap_scores
-    from circuits.graph import build_graph
+    from circuits.discovery.eap import eap_scores
+    from circuits.discovery.graph import build_graph
     from workbench.tasks import build_task
 
     model = load("gpt2-small", "float32", args.device)
@@ -424,11 +424,11 @@ def long(args, rates) -> None:
     tensors alive, counted in a second, untimed run; head patching there patches layer 0's heads
     only, the same batches as the whole sweep's first). Beside it, one layer's whole attention
     pattern, which no method may hold."""
-    from circuits.attribution import dla_components
-    from circuits.attribution_patching import attribution_patch
-    from circuits.heads import detector_scores, sink_stats
-    from circuits.patching import PatchingRun, head_indices
-    from circuits.retrieval import greedy_generate
+    from circuits.heads.attribution import dla_components
+    from circuits.patching.attribution_patching import attribution_patch
+    from circuits.heads.scores import detector_scores, sink_stats
+    from circuits.patching.engine import PatchingRun, head_indices
+    from circuits.heads.retrieval import greedy_generate
 
     cases = [("smollm2-135m", 8192 - 32, "bfloat16"), ("llama-3.2-1b", 4096, "bfloat16")]  # 8k: the 32 decoded fit n_ctx
     cpu = args.device == "cpu"
@@ -473,8 +473,8 @@ def long(args, rates) -> None:
 def fused(args, rates) -> None:
     """Fused attention against TransformerLens's own: a forward, and a forward and backward to the
     embeddings, on the 135M shape at short, medium and long prompts."""
-    from circuits.own_hooks import own_hooks
-    from circuits.sdpa_attention import sdpa_attention
+    from workbench.fast_forward.own_hooks import own_hooks
+    from workbench.fast_forward.attention import sdpa_attention
 
     model = load("smollm2-135m", "float32" if args.device == "cpu" else "bfloat16", args.device)
     tl, n = model.tl, model.n_layers

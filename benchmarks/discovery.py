@@ -36,9 +36,9 @@ def floors(model, task, tokens, forward: float, n_circuits: int) -> None:
     passes stacked, and one forward of the curve's circuits' rows. EAP needs the first two, 5-step
     EAP-IG the first and the stacked passes, the curve the last. Also the plain forward (the unit)
     with fused attention, for scale."""
-    from circuits.own_hooks import own_hooks
-    from circuits.patching import unembed_final
-    from circuits.sdpa_attention import sdpa_attention
+    from workbench.fast_forward.own_hooks import own_hooks
+    from circuits.patching.engine import unembed_final
+    from workbench.fast_forward.attention import sdpa_attention
 
     tl, n = model.tl, model.n_layers
     corrupt, lengths = task.tokens("corrupted")
@@ -75,10 +75,10 @@ def main() -> None:
     parser.add_argument("--activations", action="store_true", help="also EAP-IG-activations (61 x 5 gradient passes)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from circuits.eap import eap_scores
-    from circuits.circuit_run import circuit_metrics
-    from circuits.faithfulness import FRACTIONS, top_edges
-    from circuits.graph import build_graph
+    from circuits.discovery.eap import eap_scores
+    from circuits.discovery.circuit_run import circuit_metrics
+    from circuits.discovery.faithfulness import FRACTIONS, top_edges
+    from circuits.discovery.graph import build_graph
     from workbench.models import load_model
     from workbench.tasks import build_task
 
@@ -115,9 +115,9 @@ def main() -> None:
 
     if args.acdc_layers == 0:
         return
-    from circuits.acdc import acdc, candidates
-    from circuits.circuit_run import CircuitEvaluator
-    from circuits.faithfulness import roc_auc
+    from circuits.discovery.acdc import acdc, candidates
+    from circuits.discovery.circuit_run import CircuitEvaluator
+    from circuits.discovery.faithfulness import roc_auc
 
     first = model.n_layers - args.acdc_layers
     allowed = candidates(graph, model.n_layers, (first, model.n_layers - 1), heads_only=True)

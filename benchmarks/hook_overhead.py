@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from circuits.own_hooks import own_hooks
+from workbench.fast_forward.own_hooks import own_hooks
 from workbench.models import load_model
 from workbench.tasks import build_task
 

@@ -24,7 +24,7 @@ def one(tokens: int, dtype: str, device: str, mode: str) -> dict:
     sys.path.insert(0, "benchmarks")
     from device import random_task
 
-    import circuits.attribution_patching as atp
+    import circuits.patching.attribution_patching as atp
     from workbench.models.shapes import random_model
     from workbench.paths import configure_threads
 

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 import transformer_lens.patching as P
 
-from circuits.patching import PatchingRun, head_indices
+from circuits.patching.engine import PatchingRun, head_indices
 from workbench.models import load_model
 from workbench.tasks import build_task
 
@@ -61,7 +61,7 @@ def main():
               f"ratio {t_ref / t_ours:.1f}x, max |diff| {(ours - ref).abs().max():.2e}")
 
     exact_all_pos = ours.clone()
-    from circuits.attribution_patching import attribution_patch
+    from circuits.patching.attribution_patching import attribution_patch
 
     with torch.no_grad():
         model.tl(run.clean_tokens)

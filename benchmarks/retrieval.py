@@ -32,7 +32,7 @@ def _rss_kib(field: str) -> int:
 def child(variant: str, length: int, n_new: int, prompt_format: str = "auto") -> dict:
     import torch
 
-    from circuits.retrieval import greedy_generate
+    from circuits.heads.retrieval import greedy_generate
     from workbench.models import load_model
     from workbench.tasks import build_task
 

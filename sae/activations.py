@@ -29,7 +29,7 @@ from workbench.progress import tqdm
 
 from workbench.errors import WorkbenchError
 from workbench.store import Store, content_key
-from circuits.sdpa_attention import fused_attention
+from workbench.fast_forward.attention import fused_attention
 
 FORMAT_VERSION = 1
 SHARD_TOKENS = 65_536

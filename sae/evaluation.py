@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from sae.activations import collect_z, z_hook
-from circuits.sdpa_attention import fused_attention
+from workbench.fast_forward.attention import fused_attention
 
 
 @torch.no_grad()

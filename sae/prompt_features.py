@@ -29,7 +29,7 @@ from workbench.params import require
 from workbench.result import Result
 from workbench.spec import Need, TaskSpec
 from workbench.tasks.text import TextParams
-from circuits.sdpa_attention import fused_attention
+from workbench.fast_forward.attention import fused_attention
 
 
 def default_sae() -> Need:

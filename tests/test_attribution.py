@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import make_toy_tl
-from circuits.attribution import dla_components, head_source_attribution
+from circuits.heads.attribution import dla_components, head_source_attribution
 from workbench.errors import WorkbenchError
 from workbench.models import from_hooked_transformer
 from workbench.runner import run_method

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import make_toy_tl
-from circuits.attribution_patching import attribution_patch
-from circuits.patching import PatchingRun, head_indices, layer_pos_indices
+from circuits.patching.attribution_patching import attribution_patch
+from circuits.patching.engine import PatchingRun, head_indices, layer_pos_indices
 from workbench.errors import WorkbenchError
 from workbench.models import from_hooked_transformer
 from workbench.runner import run_method
@@ -107,7 +107,7 @@ def test_chunks_and_layer_by_layer_backward_give_the_whole_backwards_estimate(by
     norms, rotary positions and grouped keys; the layer-at-a-time backward holds a fraction of the
     saved activations. With the pattern among the activations attention runs as TransformerLens's
     (its patterns saved); without, fused (none saved)."""
-    import circuits.attribution_patching as atp
+    import circuits.patching.attribution_patching as atp
 
     tl = make_toy_tl(n_layers=4, attn_only=False, normalization_type="RMS", positional_embedding_type="rotary",
                      rotary_dim=8, n_key_value_heads=2, seed=5)

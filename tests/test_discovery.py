@@ -7,11 +7,11 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from circuits.attribution_patching import attribution_patch
-from circuits.eap import eap_scores
-from circuits.circuit_run import circuit_metrics
-from circuits.faithfulness import prune, top_edges
-from circuits.graph import build_graph, source_hooks, source_outputs
+from circuits.patching.attribution_patching import attribution_patch
+from circuits.discovery.eap import eap_scores
+from circuits.discovery.circuit_run import circuit_metrics
+from circuits.discovery.faithfulness import prune, top_edges
+from circuits.discovery.graph import build_graph, source_hooks, source_outputs
 from conftest import make_toy_tl
 from toy_circuits import make_induction_toy
 from workbench.errors import WorkbenchError
@@ -204,7 +204,7 @@ def test_eap_ig_equals_the_definition_with_gradients_read_by_autograd(interpolat
     weights through autograd. Passes run stacked in one forward and backward, or (memory budget
     below one pass) one at a time."""
     if not stacked:
-        monkeypatch.setattr("circuits.eap.BACKWARD_BYTES", 1)
+        monkeypatch.setattr("circuits.discovery.eap.BACKWARD_BYTES", 1)
     model = from_hooked_transformer(make_toy_tl(seed=6, n_layers=3, attn_only=False, n_key_value_heads=2,
                                                 positional_embedding_type="rotary", rotary_dim=8,
                                                 normalization_type=norm), "ig-definition")
@@ -380,7 +380,7 @@ def test_rankings_are_scored_against_a_reference_circuit(planted):
     against_acdc = run_method(model, task, "circuit.compare", {"reference_run": acdc}, store)
     assert against_acdc.value("edge_roc_auc") == pytest.approx(1.0)
     # a reversed ranking scores 0: the AUC is the chance a reference edge outranks another
-    from circuits.faithfulness import roc_auc
+    from circuits.discovery.faithfulness import roc_auc
 
     assert roc_auc(torch.tensor([0.1, 0.2, 0.9, 0.8]), torch.tensor([True, True, False, False])) == 0.0
     assert roc_auc(torch.tensor([1.0, 1.0]), torch.tensor([True, False])) == 0.5
@@ -424,7 +424,7 @@ def test_node_circuits_from_head_patching_rank_edges_among_the_top_nodes(planted
 
 
 def test_discrete_sae_codes_score_heads_that_separate_positives_from_negatives(planted):
-    from circuits.discrete_sae import code_scores, pair_scores, train_codes
+    from circuits.discovery.discrete_sae import code_scores, pair_scores, train_codes
 
     assert code_scores(torch.tensor([[1, 2, 2, 3]]), torch.tensor([[2, 4, -1]])).tolist() == [2.0]  # codes 1 and 3
     # each head alone: every positive code also occurs on a negative; together (0,0) and (1,1) never do;

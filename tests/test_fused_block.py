@@ -6,8 +6,8 @@ forward, and a forward dispatches three fewer operators a layer."""
 import pytest
 import torch
 
-import circuits.sdpa_attention as sdpa
-from circuits.own_hooks import own_hooks
+import workbench.fast_forward.attention as sdpa
+from workbench.fast_forward.own_hooks import own_hooks
 from conftest import DispatchedOps, make_toy_tl
 
 GATED = dict(n_layers=3, seed=5, attn_only=False, gated_mlp=True, act_fn="silu", normalization_type="RMS",

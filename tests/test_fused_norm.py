@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from circuits.fused_norm import fused_norm
-from circuits.own_hooks import own_hooks
-from circuits.sdpa_attention import sdpa_attention
+from workbench.fast_forward.norm import fused_norm
+from workbench.fast_forward.own_hooks import own_hooks
+from workbench.fast_forward.attention import sdpa_attention
 from conftest import make_toy_tl
 
 KINDS = ["LN", "LNPre", "RMS", "RMSPre"]

@@ -70,7 +70,7 @@ def wired():
 def query_blocks(request, monkeypatch):
     """Patterns read whole or one query row at a time (the smallest budget): results must agree."""
     if request.param == "query-by-query":
-        monkeypatch.setattr("circuits.attention_pass.PATTERN_BYTES", 1)
+        monkeypatch.setattr("workbench.fast_forward.attention_pass.PATTERN_BYTES", 1)
     return request.param
 
 
@@ -222,7 +222,7 @@ def test_a_long_prompt_never_holds_a_layers_whole_pattern(method, monkeypatch):
     half = torch.randint(0, 50, (500,), generator=torch.Generator().manual_seed(1)).tolist()
     task = Task("long", {}, [half + half], [half + half], [1], [2])
     whole, whole_peak = peak_tensor_bytes(lambda: run(method, model, task))
-    monkeypatch.setattr("circuits.attention_pass.PATTERN_BYTES", 2**20)
+    monkeypatch.setattr("workbench.fast_forward.attention_pass.PATTERN_BYTES", 2**20)
     blocks, peak = peak_tensor_bytes(lambda: run(method, model, task))
     pattern = model.n_heads * 1000 * 1000 * 4
     assert peak < pattern / 4 and whole_peak > pattern

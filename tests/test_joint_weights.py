@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch.nn.modules.module import register_module_forward_hook
 
-import circuits.sdpa_attention as sdpa
+import workbench.fast_forward.attention as sdpa
 from conftest import DispatchedOps, make_toy_tl
 from workbench.models import linear_layout, weights_hash
-from workbench.models.joint_weights import joint_weights
+from workbench.fast_forward.joint_weights import joint_weights
 
 GATED = dict(n_layers=3, seed=5, attn_only=False, gated_mlp=True, act_fn="silu", normalization_type="RMS",
              n_key_value_heads=2, positional_embedding_type="rotary", rotary_dim=8)

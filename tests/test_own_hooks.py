@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from circuits.own_hooks import own_hooks
+from workbench.fast_forward.own_hooks import own_hooks
 from conftest import make_toy_tl
 
 

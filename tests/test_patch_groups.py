@@ -1,6 +1,6 @@
 """Which patched runs share a forward: the cost trade written out by hand on small cases."""
 
-from circuits.patch_groups import Piece, plan
+from circuits.patching.groups import Piece, plan
 
 
 def tokens(offset):  # a batch of one 10-token prompt: a copy computes positions offset..9

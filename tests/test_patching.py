@@ -6,8 +6,8 @@ import torch
 import transformer_lens.patching as P
 
 from conftest import make_toy_tl
-from circuits.own_hooks import own_hooks
-from circuits.patching import PatchIndex, PatchingRun, head_indices, layer_pos_indices
+from workbench.fast_forward.own_hooks import own_hooks
+from circuits.patching.engine import PatchIndex, PatchingRun, head_indices, layer_pos_indices
 from workbench.errors import WorkbenchError
 from workbench.models import from_hooked_transformer
 from workbench.runner import run_method

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import make_toy_tl
-from circuits.path_patching import PathPatchingRun
+from circuits.patching.path_patching import PathPatchingRun
 from workbench.errors import WorkbenchError
 from workbench.models import from_hooked_transformer
 from workbench.runner import run_method

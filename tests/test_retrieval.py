@@ -15,7 +15,7 @@ from workbench.runner import run_method
 from workbench.store import Store
 from workbench.tasks import build_task
 from workbench.tasks.base import Task
-from circuits.retrieval import (MaskingParams, RetrievalParams, bootstrap_interval, decode_masked, greedy_generate, head_mask, mask_hooks, needle_tests,
+from circuits.heads.retrieval import (MaskingParams, RetrievalParams, bootstrap_interval, decode_masked, greedy_generate, head_mask, mask_hooks, needle_tests,
                                 outcomes, rouge1_recall, selection)
 from workbench.spec import Need, TaskSpec
 
@@ -56,7 +56,7 @@ def test_decode_argmax_equals_the_full_forward_pattern_argmax(path, shape, monke
     layer runs TransformerLens's attention and the argmax comes off the pattern. Both equal the
     argmax of the full forward's pattern, and the continuation is the same."""
     if path == "fused-prefill-in-chunks-of-16":  # the smallest budget: the 40-token prompt is read 16 queries at a time
-        monkeypatch.setattr("circuits.retrieval.PREFILL_BYTES", 1)
+        monkeypatch.setattr("circuits.heads.retrieval.PREFILL_BYTES", 1)
     extra = (dict(normalization_type="LN") if shape == "standard-layernorm" else
              dict(normalization_type="RMS", n_key_value_heads=2, positional_embedding_type="rotary", rotary_dim=8))
     tl = make_toy_tl(n_layers=2, seed=7, attn_only=False, **extra)
@@ -91,7 +91,7 @@ def test_a_long_prompt_is_read_within_the_prefill_budget(budget_kib, monkeypatch
     storage = cfg.n_layers * 3 * 1002 * cfg.n_key_value_heads * cfg.d_head * 4
     budget = budget_kib * 2**10
     whole, whole_peak = peak_tensor_bytes(lambda: greedy_generate(model, prompt, 2, track_argmax=True))
-    monkeypatch.setattr("circuits.retrieval.PREFILL_BYTES", budget)
+    monkeypatch.setattr("circuits.heads.retrieval.PREFILL_BYTES", budget)
     chunked, peak = peak_tensor_bytes(lambda: greedy_generate(model, prompt, 2, track_argmax=True))
     expanded = 2 * cfg.n_heads * 1002 * cfg.d_head * 4 if torch.device(cfg.device).type == "cuda" else 0
     assert peak - storage - expanded <= 2 * budget < 4 * 256 * 2**10 < whole_peak - storage

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-from circuits.own_hooks import own_hooks
-from circuits.sdpa_attention import covered, reserve, sdpa_attention
+from workbench.fast_forward.own_hooks import own_hooks
+from workbench.fast_forward.attention import covered, reserve, sdpa_attention
 from conftest import DispatchedOps, make_toy_tl
 
 SHAPES = {
@@ -180,7 +180,7 @@ def test_query_hooks_still_act_and_a_hooked_pattern_keeps_transformer_lens_forwa
 def test_the_rotary_embedding_equals_transformer_lens_at_every_offset(layout):
     """Whole-head rotary is computed in fewer kernels; partial rotary and adjacent pairs go through
     TransformerLens's own."""
-    from circuits.sdpa_attention import _rotary
+    from workbench.fast_forward.attention import _rotary
 
     tl = make_toy_tl(n_layers=1, seed=3, positional_embedding_type="rotary", n_ctx=16, **layout)
     attn = tl.blocks[0].attn
@@ -195,7 +195,7 @@ def test_the_rotary_table_kept_with_its_sign_follows_the_layers_table():
     """The fused rotary keeps a copy of the sine table with half its sign flipped (so no kernel
     negates half of every query and key): it is made again when the table is written to or
     replaced, as a conversion to another dtype does."""
-    from circuits.sdpa_attention import _rotary
+    from workbench.fast_forward.attention import _rotary
 
     tl = make_toy_tl(n_layers=1, seed=3, positional_embedding_type="rotary", rotary_dim=8, n_ctx=16)
     attn = tl.blocks[0].attn
@@ -229,7 +229,7 @@ def test_a_prompt_past_the_rotary_table_reads_the_same_before_and_after_the_tabl
     """TransformerLens's rotary table starts at 2,048 positions and grows on first need; the fused
     forward grows it too and keeps its own kernels, so in bfloat16 (where two ways of rotating
     round differently) a session's first long prompt gives bit for bit what the next one does."""
-    from circuits.retrieval import prefill
+    from circuits.heads.retrieval import prefill
     from workbench.models import from_hooked_transformer
 
     tl = make_toy_tl(n_layers=2, seed=3, attn_only=False, positional_embedding_type="rotary", rotary_dim=8,
@@ -338,7 +338,7 @@ def test_grouped_keys_copied_per_head_for_a_kernel_that_does_not_take_them_give_
     and value head goes to the kernel once per query head of its group, so PyTorch's math path
     never holds the scores. Forced here: a whole forward and a prompt read in masked chunks through
     a KV cache equal TransformerLens's, and the kernel saw one key and value head per query head."""
-    import circuits.sdpa_attention as sdpa
+    import workbench.fast_forward.attention as sdpa
 
     tl = make_toy_tl(n_layers=3, seed=11, **SHAPES["gated-rotary-gqa-rms"])
     tokens = torch.randint(0, 50, (1, 30), generator=torch.Generator().manual_seed(1)).to(tl.cfg.device)

@@ -31,7 +31,7 @@ def forward_bytes_per_token(cfg, n_keys: int) -> int:
 def backward_bytes_per_token(cfg, n_keys: int, patterns: bool = True) -> int:
     """Bytes a token's saved activations hold, in one layer, until a backward reaches them: the
     norms' float32 copies, the MLP's hidden units, q/k/v and, unless attention runs fused
-    (`patterns=False`: `circuits.sdpa_attention` saves no pattern), every head's pattern against
+    (`patterns=False`: `workbench.fast_forward.attention` saves no pattern), every head's pattern against
     `n_keys` keys (measured with saved-tensor hooks on the embedded model: 33 kB + 80 B a key in
     float32, 23 kB + 45 B in bfloat16, at most this)."""
     width = torch.finfo(cfg.dtype).bits // 8

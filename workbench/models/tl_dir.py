@@ -16,7 +16,7 @@ import torch
 
 from workbench.atomic import atomic_dir
 from workbench.errors import WorkbenchError
-from workbench.models.joint_weights import join_projections
+from workbench.fast_forward.joint_weights import join_projections
 from workbench.models.wrapper import SHAPE_KEYS, Model, ModelIdentity
 from workbench.spec import ModelSpec
 
@@ -177,7 +177,7 @@ def linear_layout(tl) -> None:
     layout, those copies are no-ops. Values, shapes and kernels are unchanged, so outputs are
     bit-identical (tested); only strides differ, and `save_tl_dir` writes contiguous copies.
     Each layer's query, key and value weights (and a gated MLP's gate and input weights) then
-    share one matrix (`workbench.models.joint_weights`), which fused forwards multiply by once.
+    share one matrix (`workbench.fast_forward.joint_weights`), which fused forwards multiply by once.
     """
     for module in tl.modules():
         for name, p in list(module._parameters.items()):

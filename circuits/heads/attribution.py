@@ -25,8 +25,8 @@ from workbench.methods import Metric, Outputs, register
 from workbench.nodes import check_head_names, parse_heads
 from workbench.params import require
 from workbench.result import Result
-from circuits.patching import unembed_final
-from circuits.sdpa_attention import fused_attention
+from circuits.patching.engine import unembed_final
+from workbench.fast_forward.attention import fused_attention
 
 
 def answer_directions(model, task) -> Float[Tensor, "batch d_model"]:

@@ -1,5 +1,5 @@
 """Edge attribution patching (EAP) and EAP with integrated gradients on the inputs (EAP-IG), over
-every edge of `circuits.graph`.
+every edge of `circuits.discovery.graph`.
 
 The score of an edge u -> v is (clean output of u - corrupted output of u) . d metric / d input of
 v, summed over positions, averaged over prompts and divided by the clean - corrupted metric gap:
@@ -25,11 +25,11 @@ import torch
 from torch import Tensor
 from workbench.progress import tqdm
 
-from circuits.graph import Graph, build_graph, check_model, source_hooks
-from circuits.patching import Baselines, metric_values, unembed_final
-from circuits.own_hooks import own_hooks
-from circuits.sdpa_attention import covered, fused_attention
-from circuits.attribution_patching import BACKWARD_BYTES
+from circuits.discovery.graph import Graph, build_graph, check_model, source_hooks
+from circuits.patching.engine import Baselines, metric_values, unembed_final
+from workbench.fast_forward.own_hooks import own_hooks
+from workbench.fast_forward.attention import covered, fused_attention
+from circuits.patching.attribution_patching import BACKWARD_BYTES
 from workbench.device_memory import backward_bytes_per_token, memory_budget
 from workbench.errors import WorkbenchError
 from workbench.methods import EDGE_INDEX, Metric, Outputs, register

@@ -14,7 +14,7 @@ identical results:
 - batches are chunked so memory stays bounded for long prompts (on a GPU, chunks as large as
   half its free memory holds, so short prompts still fill it);
 - patches of several layers or positions share one forward where launching a forward costs more
-  than the arithmetic sharing adds (`circuits.patch_groups`: a GPU and short prompts).
+  than the arithmetic sharing adds (`circuits.patching.groups`: a GPU and short prompts).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from workbench.progress import tqdm
 
-from circuits.own_hooks import own_hooks
-from circuits.patch_groups import Piece, plan
-from circuits.sdpa_attention import sdpa_attention
+from workbench.fast_forward.own_hooks import own_hooks
+from circuits.patching.groups import Piece, plan
+from workbench.fast_forward.attention import sdpa_attention
 from workbench.device_memory import forward_bytes_per_token, memory_budget
 from workbench.device_speed import layer_flops, matmul_rate, seconds
 from workbench.errors import WorkbenchError
@@ -210,7 +210,7 @@ class PatchingRun:
             progress: bool = True, merge: bool | None = None) -> Tensor:
         """The batch-mean metric (unnormalised) for each patch index, in order; patched runs go in
         chunks of at most `chunk_tokens` tokens (default: what the device's memory holds). Patches
-        of different layers or positions share a forward (`circuits.patch_groups`) wherever the
+        of different layers or positions share a forward (`circuits.patching.groups`) wherever the
         tokens fit (`merge=True`), never (`False`), or by default where this device's measured costs
         say it is faster: on a GPU only (on the CPU arithmetic outweighs a forward's fixed cost even
         for short prompts: sharing was measured slower). Results are the same up to float rounding."""

@@ -1,4 +1,4 @@
-"""Registered activation-patching sweeps: thin wrappers over the engine in `circuits.patching`.
+"""Registered activation-patching sweeps: thin wrappers over the engine in `circuits.patching.engine`.
 
 Every result row is one patch: `layer`, `position` (null = all positions), `head` (for head
 activations; a key/value head index for `k` and `v`, see `head_kind`), the normalised metric
@@ -14,7 +14,7 @@ from typing import Literal
 
 import pandas as pd
 
-from circuits.patching import ACTIVATIONS, PatchIndex, PatchingRun, head_indices, layer_pos_indices
+from circuits.patching.engine import ACTIVATIONS, PatchIndex, PatchingRun, head_indices, layer_pos_indices
 from workbench.errors import WorkbenchError
 from workbench.methods import Metric, Outputs, register
 from workbench.nodes import check_head_names, parse_heads

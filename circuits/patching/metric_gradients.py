@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from circuits.own_hooks import own_hooks
+from workbench.fast_forward.own_hooks import own_hooks
 
 
 def gradients(tl, tokens: Tensor, names: list[str], value_of: Callable[[Tensor], Tensor],

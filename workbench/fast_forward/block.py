@@ -4,14 +4,14 @@ Three of TransformerLens's operators on every layer compute nothing a result nee
 and writes a whole activation (a GPU kernel apiece): its block adds `0.0` to the normalised
 residual for the queries and again for the keys (where a shortformer position embedding would be
 added), and its gated MLP adds `b_in` in a kernel of its own after multiplying the activation by
-the linear branch. Within fused attention (`circuits.sdpa_attention`) these forwards stand in for
+the linear branch. Within fused attention (`workbench.fast_forward.attention`) these forwards stand in for
 TransformerLens's in the plain pre-norm configuration: the same operators otherwise, the bias
 added by `addcmul` in the multiplication's kernel, every hook point firing as before. Any other
 configuration, or a module whose forward something else has already replaced, keeps its own.
 They also call hook points and submodules that carry no hook without `nn.Module`'s call machinery
 (`fire`, `call`; a hook point is the identity then): some fifteen calls a layer, host time that a
 GPU's short forwards and decoding steps wait on. Where the gate and input weights share one
-matrix (`workbench.models.joint_weights`) and no hook reads them apart, one product computes both.
+matrix (`workbench.fast_forward.joint_weights`) and no hook reads them apart, one product computes both.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from torch import Tensor
 from torch.nn.modules import module as torch_module
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-from workbench.models.joint_weights import joint_weights
+from workbench.fast_forward.joint_weights import joint_weights
+from workbench.fast_forward.replacements import replaced
 
 
 def bare(module) -> bool:
@@ -52,7 +53,7 @@ def fused_block(block) -> Callable | None:
     call: they can be switched on inside a fused run); None for a configuration it does not cover."""
     cfg = block.cfg
     if (type(block).__name__ != "TransformerBlock" or cfg.parallel_attn_mlp or cfg.use_normalization_before_and_after
-            or cfg.original_architecture in POST_NORM_ARCHITECTURES or "forward" in block.__dict__):
+            or cfg.original_architecture in POST_NORM_ARCHITECTURES or replaced(block, "forward")):
         return None
     original = block.forward
 
@@ -80,7 +81,7 @@ def fused_gated_mlp(mlp) -> Callable | None:
     """A gated MLP's forward with `b_in` added in the multiplication's kernel (`addcmul`: one
     rounding where TransformerLens's two kernels round twice; the same values for a zero bias);
     None for any other MLP or one whose forward is already replaced."""
-    if type(mlp).__name__ != "GatedMLP" or mlp.cfg.is_layer_norm_activation() or "forward" in mlp.__dict__:
+    if type(mlp).__name__ != "GatedMLP" or mlp.cfg.is_layer_norm_activation() or replaced(mlp, "forward"):
         return None
     original = mlp.forward
 

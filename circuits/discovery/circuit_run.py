@@ -23,18 +23,18 @@ ablated output.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from circuits.eap import _final
-from circuits.graph import Graph, check_model, source_hooks, source_outputs
-from circuits.own_hooks import own_hooks
-from circuits.patching import metric_values
-from circuits.sdpa_attention import sdpa_attention
+from circuits.discovery.eap import _final
+from circuits.discovery.graph import Graph, check_model, source_hooks, source_outputs
+from workbench.fast_forward.own_hooks import own_hooks
+from circuits.patching.engine import metric_values
+from workbench.fast_forward.attention import sdpa_attention
+from workbench.fast_forward.replacements import swapped
 from workbench.device_memory import memory_budget
 from workbench.errors import WorkbenchError
 
@@ -424,22 +424,6 @@ def _rows_of(forward, needed: Tensor, hook: str, chunk: dict):
         return out.view(x.shape)
 
     return run
-
-
-@contextmanager
-def swapped(swaps: list[tuple]) -> Iterator[None]:
-    """Within the block, each (module, attribute, replacement) of `swaps` replaces the module's own."""
-    before = [(module, name, module.__dict__.get(name)) for module, name, _ in swaps]
-    try:
-        for module, name, replacement in swaps:
-            setattr(module, name, replacement)
-        yield
-    finally:
-        for module, name, value in before:
-            if value is None:
-                delattr(module, name)
-            else:
-                setattr(module, name, value)
 
 
 def circuit_metrics(model, task, graph: Graph, keeps: Tensor, metric: str = "logit_diff",

@@ -22,9 +22,9 @@ from torch import Tensor
 
 from typing import Literal
 
-from circuits.own_hooks import own_hooks
-from circuits.sdpa_attention import sdpa_attention
-from circuits.patching import PatchingRun, unembed_final
+from workbench.fast_forward.own_hooks import own_hooks
+from workbench.fast_forward.attention import sdpa_attention
+from circuits.patching.engine import PatchingRun, unembed_final
 from workbench.errors import WorkbenchError
 from workbench.methods import EDGE_INDEX, Metric, Outputs, register
 from workbench.nodes import check_head_names, head_name, parse_heads

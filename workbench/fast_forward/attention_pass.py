@@ -3,7 +3,7 @@ a block of queries at a time.
 
 Head scores that are functions of attention patterns (detectors, sinks, distance profiles,
 stored patterns) read every layer's pattern once and reduce it on the spot, so no pattern
-outlives its layer. Where a layer runs fused attention (`circuits.sdpa_attention`, every
+outlives its layer. Where a layer runs fused attention (`workbench.fast_forward.attention`, every
 configuration it covers) its pattern is computed here from the layer's own rotated queries and
 keys, PATTERN_BYTES of rows at a time (float32 scores and softmax), so not even one layer's
 [head, query, key] block is held at once: at 8k tokens that block is 2.4 GB per prompt on the
@@ -19,8 +19,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from workbench.progress import tqdm
 
-from circuits.own_hooks import own_hooks
-from circuits.sdpa_attention import covered, sdpa_attention
+from workbench.fast_forward.own_hooks import own_hooks
+from workbench.fast_forward.attention import covered, sdpa_attention
 from workbench.errors import WorkbenchError
 
 # (layer, pattern [batch, head, query, key] of the queries at `queries` against keys 0 .. queries.stop - 1,

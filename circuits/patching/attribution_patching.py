@@ -5,7 +5,7 @@ run (the denoising direction), normalised by the clean - corrupted gap so it rea
 scale as exact patching. Cost: one clean forward, one corrupted forward, one backward, for every
 node of every activation asked for. Prompts go in chunks whose backward fits the memory budget;
 a prompt too long for one whole backward (8k tokens on the embedded model) is differentiated a
-layer at a time (`circuits.metric_gradients`), at the cost of one more forward.
+layer at a time (`circuits.patching.metric_gradients`), at the cost of one more forward.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from circuits.metric_gradients import gradients
-from circuits.own_hooks import own_hooks
-from circuits.sdpa_attention import covered, fused_attention
-from circuits.patching import ACTIVATIONS, METRICS, hook_name, metric_values, unembed_final
+from circuits.patching.metric_gradients import gradients
+from workbench.fast_forward.own_hooks import own_hooks
+from workbench.fast_forward.attention import covered, fused_attention
+from circuits.patching.engine import ACTIVATIONS, METRICS, hook_name, metric_values, unembed_final
 from workbench.device_memory import backward_bytes_per_token, memory_budget
 from workbench.errors import WorkbenchError
 from workbench.methods import Metric, Outputs, register

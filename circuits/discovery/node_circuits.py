@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from circuits.eap import edge_frame
-from circuits.graph import build_graph
-from circuits.patching_methods import HeadPatchParams
+from circuits.discovery.eap import edge_frame
+from circuits.discovery.graph import build_graph
+from circuits.patching.sweeps import HeadPatchParams
 from workbench.methods import EDGE_INDEX, Metric, Outputs, get_method, register
 from workbench.nodes import parse_node
 from workbench.params import require

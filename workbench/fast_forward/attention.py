@@ -7,7 +7,7 @@ TransformerLens has no fused-attention path, so `sdpa_attention` swaps each laye
 forward, for the duration of a block, for one that computes z with PyTorch's
 `scaled_dot_product_attention` (flash or memory-efficient kernels where the device has them): the
 same query/key/value projections (one product where the layer's weights are joined and no hook
-reads them apart: `workbench.models.joint_weights`), KV cache, rotary embedding and output projection as
+reads them apart: `workbench.fast_forward.joint_weights`), KV cache, rotary embedding and output projection as
 TransformerLens's own forward, with hook_q/k/v, hook_rot_q/k and hook_z still firing. A layer whose
 configuration this does not cover (ALiBi, soft-capped scores, sinks, QK clipping, per-head results
 and the like), or whose scores or pattern carry a hook, keeps TransformerLens's forward, so results
@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
-from circuits.fused_block import bare, fire, fused_block, fused_gated_mlp
-from circuits.fused_norm import fused_norm
-from workbench.models.joint_weights import joint_weights
+from workbench.fast_forward.block import bare, fire, fused_block, fused_gated_mlp
+from workbench.fast_forward.norm import fused_norm
+from workbench.fast_forward.joint_weights import joint_weights
+from workbench.fast_forward.replacements import ATTENTION_INTERNALS, replaced
 
 SUPPORTED_POSITIONS = ("standard", "rotary")
 
@@ -87,7 +88,7 @@ def _fused_forward(attn, original, argmax: dict[int, Tensor] | None, forget: Cal
         if forget is not None:  # the block's inputs are normalised: let its norm drop what it kept
             forget()
         if (additive_attention_mask is not None or position_bias is not None or not configured or _pattern_hooked(attn)
-                or padding(attention_mask)):
+                or replaced(attn, *ATTENTION_INTERNALS) or padding(attention_mask)):
             return original(query_input, key_input, value_input, past_kv_cache_entry=past_kv_cache_entry,
                             additive_attention_mask=additive_attention_mask, attention_mask=attention_mask,
                             position_bias=position_bias)
@@ -161,10 +162,12 @@ def expand_groups(t: Tensor, n_heads: int) -> Tensor:
 
 def _projections(attn, query_input: Tensor, key_input: Tensor, value_input: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Queries, keys and values [batch, pos, head, d_head]: one product by the layer's joint
-    weight (`workbench.models.joint_weights`) where the three read the same input and no hook
-    reads them, views of its output then; else TransformerLens's three."""
+    weight (`workbench.fast_forward.joint_weights`) where the three read the same input, no hook
+    reads them and nothing replaced `calculate_qkv_matrices` on the layer (a circuit run's per-head
+    inputs: `workbench.fast_forward.replacements`), views of its output then; else that method."""
     joint, cfg = joint_weights(attn), attn.cfg
-    if (joint is None or not (query_input is key_input is value_input) or cfg.use_qk_norm or cfg.use_split_qkv_input
+    if (joint is None or replaced(attn, "calculate_qkv_matrices") or not (query_input is key_input is value_input)
+            or cfg.use_qk_norm or cfg.use_split_qkv_input
             or cfg.use_attn_in or not (bare(attn.hook_q) and bare(attn.hook_k) and bare(attn.hook_v))):
         return attn.calculate_qkv_matrices(query_input, key_input, value_input)
     out = F.linear(query_input, joint.weight, joint.bias)
@@ -305,8 +308,8 @@ def sdpa_attention(tl, argmax: dict[int, Tensor] | None = None, queries_keys: Qu
     `queries_keys`, each fused layer hands it (layer, queries [batch, head, query, d_head], keys
     [batch, kv head, key, d_head], scale): the rotated queries and keys its scores are made of, so a
     caller can compute the pattern in blocks of its own choosing. The blocks' and the final norms run
-    as PyTorch's own where no hook reads inside them (`circuits.fused_norm`), blocks and gated MLPs
-    without TransformerLens's idle additions (`circuits.fused_block`). Entered again inside
+    as PyTorch's own where no hook reads inside them (`workbench.fast_forward.norm`), blocks and gated MLPs
+    without TransformerLens's idle additions (`workbench.fast_forward.block`). Entered again inside
     itself with the same `argmax` and `queries_keys` (a decoding loop around per-step calls), it
     swaps nothing."""
     if all(getattr(block.attn.forward, "fused_with", None) == (id(argmax), id(queries_keys)) for block in tl.blocks):
@@ -330,6 +333,8 @@ def sdpa_attention(tl, argmax: dict[int, Tensor] | None = None, queries_keys: Qu
             if ln1 is not None and any(isinstance(m, HookPoint) for m in ln1.modules()):
                 swap(ln1, _normalised_once(ln1, fused_norm(ln1, ln1.forward) or ln1.forward))
                 forget = ln1.forward.forget
+            if replaced(block.attn, "forward") and not hasattr(block.attn.forward, "fused_with"):
+                continue  # replaced by someone else: theirs runs
             swap(block.attn, _fused_forward(block.attn, block.attn.forward, argmax, forget, queries_keys, padding))
             block.attn.forward.fused_with = (id(argmax), id(queries_keys))
         yield all(covered(block.attn) for block in tl.blocks)

@@ -15,8 +15,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from circuits.faithfulness import discovery_default, edge_metric, roc_auc, scores_from_rows
-from circuits.graph import Graph, build_graph
+from circuits.discovery.faithfulness import discovery_default, edge_metric, roc_auc, scores_from_rows
+from circuits.discovery.graph import Graph, build_graph
 from workbench.errors import WorkbenchError
 from workbench.methods import Metric, Outputs, get_method, register
 from workbench.nodes import DST_INPUTS, parse_node
@@ -134,7 +134,7 @@ def compare(model, task, params: CompareParams, ctx):
 
 
 def _other_default() -> Need:
-    from circuits.eap import EAPIGParams
+    from circuits.discovery.eap import EAPIGParams
     from workbench.spec import TaskSpec
 
     return Need("discovery.eap_ig", EAPIGParams(), TaskSpec.parse("reciprocal"))
@@ -181,7 +181,7 @@ def circuit_heads(graph: Graph, keep: Tensor, group: int) -> set[str]:
           "component reuse across tasks (Merullo et al.): shared in-circuit edges and heads of two tasks' circuits",
           OVERLAP_OUTPUTS, needs=lambda p: {"discovery": p.discovery, "other": p.other})
 def overlap(model, task, params: OverlapParams, ctx):
-    from circuits.faithfulness import top_edges
+    from circuits.discovery.faithfulness import top_edges
     from workbench.result import Result
 
     graph = build_graph(model)

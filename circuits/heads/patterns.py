@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from circuits.attention_pass import for_each_pattern
-from circuits.heads import head_frame
+from workbench.fast_forward.attention_pass import for_each_pattern
+from circuits.heads.scores import head_frame
 from workbench.errors import WorkbenchError
 from workbench.methods import Metric, Outputs, register
 from workbench.params import require

@@ -4,7 +4,7 @@ attribution methods are measured against.
 Start from the full graph. Visit targets from the logits backwards (later layers first; within a
 layer the MLP's input, then the heads' values, keys and queries), and for each target its incoming
 edges from the latest source back. Remove an edge for good when removing it (the circuit evaluated
-exactly, everything outside it ablated as in `circuits.faithfulness`) changes the metric by less
+exactly, everything outside it ablated as in `circuits.discovery.faithfulness`) changes the metric by less
 than `threshold`: KL(clean || circuit) may grow by less than it, or the task metric moves by less
 than it. Each test is one patched forward over the task's prompts, so ACDC is for small graphs or
 restricted ones: `layers` limits the candidate edges to sources and targets in a layer range,
@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 from workbench.progress import tqdm
 
-from circuits.circuit_run import CircuitEvaluator
-from circuits.graph import Graph, build_graph
+from circuits.discovery.circuit_run import CircuitEvaluator
+from circuits.discovery.graph import Graph, build_graph
 from workbench.errors import WorkbenchError
 from workbench.methods import EDGE_INDEX, Metric, Outputs, register
 from workbench.params import require

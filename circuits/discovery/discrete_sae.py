@@ -21,13 +21,13 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from circuits.patching import unembed_final
+from circuits.patching.engine import unembed_final
 from workbench.errors import WorkbenchError
 from workbench.methods import Metric, Outputs, register
 from workbench.nodes import head_name
 from workbench.params import require
 from workbench.result import Result
-from circuits.sdpa_attention import fused_attention
+from workbench.fast_forward.attention import fused_attention
 
 
 @torch.no_grad()

@@ -16,6 +16,8 @@ from typing import Callable
 import torch.nn.functional as F
 from torch import Tensor
 
+from workbench.fast_forward.replacements import replaced
+
 NORMS = ("RMSNormPre", "RMSNorm", "LayerNormPre", "LayerNorm")
 
 
@@ -24,7 +26,7 @@ def fused_norm(ln, original: Callable[[Tensor], Tensor]) -> Callable[[Tensor], T
     `original` while a hook is on the norm's scale or output or its weights differ from the input in
     device or dtype (TransformerLens's own handling of those is kept); None for a module that is not one of TransformerLens's four norms."""
     kind = type(ln).__name__
-    if kind not in NORMS:
+    if kind not in NORMS or replaced(ln, "forward"):  # a replaced forward is honoured: it runs, not PyTorch's norm
         return None
     points, dtype = (ln.hook_scale, ln.hook_normalized), ln.cfg.dtype
 

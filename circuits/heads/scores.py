@@ -21,9 +21,9 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from circuits.attention_pass import for_each_pattern
-from circuits.patching import PatchingRun, head_indices
-from circuits.sdpa_attention import fused_attention
+from workbench.fast_forward.attention_pass import for_each_pattern
+from circuits.patching.engine import PatchingRun, head_indices
+from workbench.fast_forward.attention import fused_attention
 from workbench.errors import WorkbenchError
 from workbench.methods import Metric, Outputs, register
 from workbench.nodes import check_head_names, parse_heads

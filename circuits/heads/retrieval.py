@@ -35,10 +35,10 @@ import torch
 from torch import Tensor
 from workbench.progress import tqdm
 
-from circuits.heads import head_frame, mean_z
-from circuits.own_hooks import Hook, own_hooks
-from circuits.patching import unembed_final
-from circuits.sdpa_attention import covered, reserve, sdpa_attention
+from circuits.heads.scores import head_frame, mean_z
+from workbench.fast_forward.own_hooks import Hook, own_hooks
+from circuits.patching.engine import unembed_final
+from workbench.fast_forward.attention import covered, reserve, sdpa_attention
 from workbench.device_memory import forward_bytes_per_token, memory_budget
 from workbench.errors import WorkbenchError
 from workbench.methods import Metric, Outputs, register
@@ -63,7 +63,7 @@ PREFILL_BYTES = 256 * 2**20  # one layer's activations (and attention scores, un
 
 def prefill(model, x: Tensor, cache, argmax: dict[int, Tensor] | None = None) -> Tensor:
     """Run new tokens `x` [batch, new] through `cache` and return the residual at the last layer.
-    Attention runs fused where no hook reads a pattern (`circuits.sdpa_attention`, which records
+    Attention runs fused where no hook reads a pattern (`workbench.fast_forward.attention`, which records
     each layer's last-query argmax into `argmax` when given), else through TransformerLens's own
     scores; either way a long prompt goes in chunks of queries, so a layer's activations (or its
     [head, query, key] scores) stay within PREFILL_BYTES rather than growing with the square of

@@ -1,6 +1,6 @@
 """Circuits as sets of edges, and how faithful they are, as the MIB circuit-localization track scores them.
 
-A circuit runs with every edge outside it ablated (`circuits.circuit_run`). Faithfulness = (m(circuit) - m(none)) /
+A circuit runs with every edge outside it ablated (`circuits.discovery.circuit_run`). Faithfulness = (m(circuit) - m(none)) /
 (m(full) - m(none)). A curve takes the top edges by |score| at fractions of all edges, after MIB's
 pruning of edges that cannot reach the logits or be reached from the embeddings; CPR is the area
 under it (trapezoids over the fraction), CMD the area between it and 1. Several circuits run in
@@ -16,9 +16,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from circuits.circuit_run import circuit_metrics
-from circuits.eap import EAPIGParams
-from circuits.graph import Graph, build_graph
+from circuits.discovery.circuit_run import circuit_metrics
+from circuits.discovery.eap import EAPIGParams
+from circuits.discovery.graph import Graph, build_graph
 from workbench.errors import WorkbenchError
 from workbench.methods import Metric, Outputs, get_method, register
 from workbench.nodes import parse_node

@@ -12,7 +12,7 @@ from workbench.methods import Metric, Outputs, register
 from workbench.metrics import logit_diff
 from workbench.params import require
 from workbench.result import Result
-from circuits.sdpa_attention import fused_attention
+from workbench.fast_forward.attention import fused_attention
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Per-head scores: detectors, sinks and ablations, logit attribution, retrieval heads, stored patterns."""
