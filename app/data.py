@@ -307,8 +307,9 @@ def job_units(record: dict) -> pd.DataFrame:
 
 def job_circuits(store: Store, record: dict) -> pd.DataFrame:
     """The circuits a job scored: one row per stored faithfulness run among its units, with the
-    task, the seed, the discovery method it ranked, CPR and CMD for the ranking and for random,
-    and the discovery run's id (open it on the Circuit page)."""
+    task, the seed, the discovery method it ranked, CPR and CMD as MIB reports them (CPR of the
+    signed ranking, CMD of the absolute one) and for random, and the discovery run's id (open it
+    on the Circuit page)."""
     rows = []
     for u in record["units"]:
         if u["spec"]["method"] != "circuit.faithfulness" or u["state"] not in ("done", "skipped"):
@@ -320,8 +321,8 @@ def job_circuits(store: Store, record: dict) -> pd.DataFrame:
         inner = discovery.get("params", {}).get("scores", {}).get("method")
         rows.append({"task": meta["spec"]["task"]["name"], "seed": meta["spec"]["task"]["params"].get("seed", 0),
                      "discovery": discovery["method"] + (f" ({inner})" if inner else ""),
-                     "cpr": per[("cpr", "scores")], "cpr_random": per[("cpr", "random")],
-                     "cmd": per[("cmd", "scores")], "cmd_random": per[("cmd", "random")],
+                     "cpr": per[("cpr", "signed")], "cpr_random": per[("cpr", "random")],
+                     "cmd": per[("cmd", "absolute")], "cmd_random": per[("cmd", "random")],
                      "discovery_run": meta["spec"]["needs"]["discovery"][:RUN_ID_LEN], "faithfulness_run": u["run_id"]})
     return pd.DataFrame(rows, columns=["task", "seed", "discovery", "cpr", "cpr_random", "cmd", "cmd_random",
                                        "discovery_run", "faithfulness_run"])

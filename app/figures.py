@@ -91,10 +91,10 @@ def circuit_figure(nodes: pd.DataFrame, edges: pd.DataFrame, n_layers: int, n_he
 
 
 def faithfulness_figure(curve: pd.DataFrame, fraction: float) -> go.Figure:
-    """The stored faithfulness curves (the ranking's and random's) over the share of edges kept, with
-    the circuit on screen marked."""
+    """The stored faithfulness curves (the ranking by |score|, by signed score, and random) over the
+    share of edges kept, with the circuit on screen marked."""
     fig = go.Figure()
-    for ranking, color in (("scores", "#c0392b"), ("random", "#999")):
+    for ranking, color in (("absolute", "#c0392b"), ("signed", "#2471a3"), ("random", "#999")):
         part = curve[curve["ranking"] == ranking].sort_values("fraction")
         fig.add_trace(go.Scatter(x=part["fraction"], y=part["value"], mode="lines+markers", name=ranking,
                                  line=dict(color=color), customdata=part["edges"],

@@ -414,7 +414,8 @@ def eap(args, rates) -> None:
     with torch.no_grad():
         forward = timed(lambda: model.tl(tokens), args.device, repeats=3)
     for label, steps in (("EAP", 1), ("EAP-IG, 5 steps", 5)):
-        t = timed(lambda: eap_scores(model, task, graph, steps=steps, batch_size=n), args.device)
+        t = timed(lambda: eap_scores(model, task, graph, steps=steps, batch_size=n,
+                                    linearise="clean" if steps == 1 else "corrupted"), args.device)
         row(f"{label}, gpt2-small shape, {n} IOI prompts x {tokens.shape[1]} tokens, {graph.n_edges()} edges: "
             f"{t / forward:.2f} forwards (one forward {forward:.4f} s)", t)
 

@@ -282,8 +282,9 @@ def test_jobs_page_shows_a_jobs_units_its_failure_and_the_circuits_it_scored(tmp
     assert list(circuits["seed"]) == [0, 1] and set(circuits["discovery"]) == {"discovery.eap"}
     for row in circuits.itertuples():
         scores = store.scores(row.faithfulness_run)
-        stored = scores[(scores["metric"] == "cpr") & (scores["ranking"] == "scores")]["value"].item()
-        assert row.cpr == pytest.approx(stored)
+        # as MIB reports them: CPR of the signed ranking, CMD of the absolute one
+        stored = scores[scores["metric"].isin(["cpr", "cmd"])].set_index(["metric", "ranking"])["value"]
+        assert (row.cpr, row.cmd) == pytest.approx((stored[("cpr", "signed")], stored[("cmd", "absolute")]))
         assert store.meta(row.discovery_run)["spec"]["method"] == "discovery.eap"
     sweep = figures(at)[0]
     assert np.allclose(array(sweep["data"][0]["y"]), circuits["cpr"])
@@ -372,7 +373,8 @@ def test_circuit_page_draws_a_discovered_circuit_with_its_faithfulness_curve(tmp
     at.slider[0].set_value(n_edges).run()  # every edge: nothing to prune
     lines = [t for t in figures(at)[0]["data"] if t.get("mode") == "lines"]
     assert len(lines) == n_edges
-    assert float(at.metric[0].value) == pytest.approx(curve.metric("cpr").set_index("ranking")["value"]["scores"], abs=1e-3)
+    assert float(at.metric[0].value) == pytest.approx(curve.metric("cpr").set_index("ranking")["value"]["signed"], abs=1e-3)
+    assert float(at.metric[1].value) == pytest.approx(curve.metric("cmd").set_index("ranking")["value"]["absolute"], abs=1e-3)
     marker = [s for s in figures(at)[1]["layout"]["shapes"] if s.get("line", {}).get("dash") == "dash"][0]
     assert marker["x0"] == pytest.approx(1.0)  # the circuit on screen is marked on the curve
     at.slider[0].set_value(3).run()  # fewer edges: the graph updates (pruning may keep fewer still)

@@ -84,3 +84,17 @@ def test_dla_method_stores_means_and_names_heads_in_range(smollm2, store):
         run_method(smollm2, task, "attribution.head_sources", {"heads": ["L30H0"]}, store)
     with pytest.raises(WorkbenchError, match="not a head name"):
         run_method(smollm2, task, "attribution.head_sources", {"heads": ["5.3"]}, store)
+
+
+def test_source_attribution_runs_on_a_float64_model_and_sums_to_the_head_dla(toy_dir, store):
+    """float64 is an accepted dtype: the float64 final norm and float32 answer directions meet in one product."""
+    from workbench.models import load_model
+
+    model = load_model({"name": str(toy_dir), "dtype": "float64"})
+    assert next(model.tl.parameters()).dtype == torch.float64
+    task = build_task(model, "induction", {"n_prompts": 4, "seq_len": 6})
+    frame = run_method(model, task, "attribution.head_sources", {"heads": ["L1H0", "L1H1"]}, store).metric("dla_by_source")
+    _, heads = dla_components(model, task)
+    for (layer, h), part in frame.groupby(["layer", "head"]):
+        assert part.groupby("prompt")["value"].sum().to_numpy() == pytest.approx(heads[:, layer, h].numpy(), abs=1e-4)
+    assert frame["value"].abs().max() > 1e-3

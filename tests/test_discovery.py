@@ -1,8 +1,7 @@
 """Circuit discovery on models whose circuits are known by construction, and the identities that
 must hold: EAP node sums equal attribution patching, EAP equals exact edge patching where the model
-is linear, keeping every edge gives the clean run and keeping none the ablated one."""
-
-from contextlib import contextmanager
+is linear, keeping every edge gives the clean run and keeping none the ablated one. Circuit runs
+circuit by circuit against an independent reference are in test_circuit_runs.py."""
 
 import pytest
 import torch
@@ -12,27 +11,13 @@ from circuits.discovery.eap import eap_scores
 from circuits.discovery.circuit_run import circuit_metrics
 from circuits.discovery.faithfulness import prune, top_edges
 from circuits.discovery.graph import build_graph, source_hooks, source_outputs
+from circuit_reference import split_inputs
 from conftest import make_toy_tl
 from toy_circuits import make_induction_toy
 from workbench.errors import WorkbenchError
 from workbench.models import from_hooked_transformer
 from workbench.runner import run_method
 from workbench.tasks import build_task
-
-@contextmanager
-def split_inputs(tl):
-    """TransformerLens with a hook point per q/k/v input and on each MLP's input: the graph's
-    targets as the definition reads them."""
-    tl.set_use_split_qkv_input(True)
-    if not tl.cfg.attn_only:
-        tl.set_use_hook_mlp_in(True)
-    try:
-        yield
-    finally:
-        tl.set_use_split_qkv_input(False)
-        if not tl.cfg.attn_only:
-            tl.set_use_hook_mlp_in(False)
-
 
 PLANTED = {("embed", "L0H0", "v"), ("L0H0", "L1H0", "k"), ("embed", "L1H0", "v"), ("L1H0", "logits", "logits")}
 
@@ -50,11 +35,12 @@ def ranked(graph, scores):
     return [(src[i], dst[i], dst_input[i]) for i in order.tolist()], values
 
 
-@pytest.mark.parametrize("steps, interpolate", [(1, "inputs"), (5, "inputs"), (3, "activations")])
-def test_eap_and_eap_ig_rank_the_planted_edges_first_and_ignore_the_decoy(planted, steps, interpolate):
+@pytest.mark.parametrize("steps, interpolate, linearise", [(1, "inputs", "clean"), (1, "inputs", "corrupted"),
+                                                            (5, "inputs", "corrupted"), (3, "activations", "clean")])
+def test_eap_and_eap_ig_rank_the_planted_edges_first_and_ignore_the_decoy(planted, steps, interpolate, linearise):
     model, task = planted
     graph = build_graph(model)
-    scores, _ = eap_scores(model, task, graph, steps=steps, batch_size=3, interpolate=interpolate)
+    scores, _ = eap_scores(model, task, graph, steps=steps, batch_size=3, interpolate=interpolate, linearise=linearise)
     order, values = ranked(graph, scores)
     assert set(order[: len(PLANTED)]) == PLANTED  # precision and recall 1 at the planted circuit's size
     decoy = [i for i, s in enumerate(graph.edge_names()[0]) if s == "L1H1"]
@@ -94,7 +80,8 @@ def test_eap_node_sums_equal_attribution_patching_and_the_empty_and_full_circuit
     model = from_hooked_transformer(make_toy_tl(seed=3, **extra), kind)
     task = build_task(model, "induction", {"n_prompts": 6, "seq_len": 5})
     graph = build_graph(model)
-    scores, baselines = eap_scores(model, task, graph, batch_size=4)
+    # attribution patching takes the gradient on the corrupted run
+    scores, baselines = eap_scores(model, task, graph, batch_size=4, linearise="corrupted")
     atp, clean, corrupted = attribution_patch(model, task, ("z", "mlp_out"))
     sums = scores.sum(1)
     heads = torch.tensor([graph.sources.index(f"L{lyr}H{h}") for lyr in range(model.n_layers) for h in range(model.n_heads)])
@@ -110,96 +97,18 @@ def test_eap_node_sums_equal_attribution_patching_and_the_empty_and_full_circuit
             assert none == pytest.approx(corrupted, abs=1e-4)
 
 
-def _direct_circuit_metric(model, task, graph, keep, ablated):
-    """The definition, one circuit at a time: a target's input is the attention output biases of the
-    layers before it plus, per source, its current output where the edge is kept and its ablated
-    output [batch, pos, source, d_model] where it is not."""
-    tl, n = model.tl, model.n_layers
-    clean, lengths = task.tokens("clean")
-    current = {}
-
-    def source(act, hook):
-        if hook.name.endswith("hook_z"):
-            layer = int(hook.name.split(".")[1])
-            for h in range(model.n_heads):
-                current[graph.sources.index(f"L{layer}H{h}")] = act[:, :, h] @ tl.blocks[layer].attn.W_O[h]
-        elif hook.name.endswith("mlp_out"):
-            current[graph.sources.index(f"MLP{hook.name.split('.')[1]}")] = act
-        else:
-            current[0] = act
-
-    def target(act, hook):
-        out = act.clone()
-        for t, tgt in enumerate(graph.targets):
-            if tgt.hook != hook.name:
-                continue
-            before = [layer for layer in range(n) if layer < tgt.layer or (layer == tgt.layer and tgt.input == "mlp")]
-            x = sum((tl.blocks[layer].attn.b_O for layer in before), torch.zeros(model.d_model, device=model.device))
-            for s in range(len(graph.sources)):
-                if graph.valid[s, t]:
-                    x = x + (current[s] if keep[s, t] else ablated[:, :, s])
-            if tgt.index is None:
-                out = x
-            else:
-                out[:, :, tgt.index] = x
-        return out
-
-    hooks = [(h, source) for h in source_hooks(model)] + [(t.hook, target) for t in graph.targets]
-    with split_inputs(tl):
-        logits = tl.run_with_hooks(clean, fwd_hooks=list(dict(hooks).items()))
-    rows = torch.arange(len(task))
-    last = logits[rows, lengths - 1]
-    return (last[rows, task.answer_ids()] - last[rows, task.wrong_ids()]).mean().item()
-
-
-@pytest.mark.parametrize("norm", ["RMS", "LN"])
-@pytest.mark.parametrize("ablation", ["corrupted", "mean", "zero"])
-def test_circuits_equal_the_direct_sum_of_kept_and_ablated_outputs(ablation, norm):
-    """Random circuits from nearly empty to nearly full, so that every way of building a target's
-    input (through the ablated edges or the whole residual less the kept edges, gathered or dense)
-    is taken, and circuits whose MLPs are fed by no kept edge or read by none (the run skips an
-    MLP it need not compute), against the definition computed directly; attention output biases,
-    query/key/value biases and the first norm's weights (and LayerNorm's bias) are random."""
-    model = from_hooked_transformer(make_toy_tl(seed=5, n_layers=3, attn_only=False, n_key_value_heads=2,
-                                                positional_embedding_type="rotary", rotary_dim=8,
-                                                normalization_type=norm), "direct-sum")
-    with torch.no_grad():
-        for block in model.tl.blocks:
-            for name, param in list(block.attn.named_parameters()) + list(block.ln1.named_parameters()):
-                if name.split(".")[-1].lstrip("_") in ("b_O", "b_Q", "b_K", "b_V", "w", "b"):
-                    param.normal_()
-    task = build_task(model, "induction", {"n_prompts": 5, "seq_len": 5})
-    graph = build_graph(model)
-    names = set(source_hooks(model))
-    corrupt, lengths = task.tokens("corrupted")
-    _, cache = model.tl.run_with_cache(corrupt, names_filter=lambda n: n in names)
-    outputs = source_outputs(model, graph, cache)
-    real = (torch.arange(corrupt.shape[1])[None, :] < lengths[:, None]).float()[:, :, None, None].to(outputs.device)
-    ablated = {"corrupted": outputs, "zero": torch.zeros_like(outputs),
-               "mean": ((outputs * real).sum((0, 1)) / real.sum()).expand_as(outputs)}[ablation]
-    generator = torch.Generator().manual_seed(0)
-    random = [graph.valid & (torch.rand(graph.valid.shape, generator=generator) < p)
-              for p in (0.0, 0.03, 0.3, 0.7, 0.97)]  # 0: the empty circuit, read off the ablated residual
-    # MLPs fed by no kept edge whose outputs are read (under corrupted ablation their output is the
-    # corrupted run's, under mean and zero it is not), and MLPs whose outputs no kept edge reads
-    into_mlps = torch.tensor([t.input == "mlp" for t in graph.targets])
-    out_of_mlps = torch.tensor([s.startswith("MLP") for s in graph.sources])
-    keeps = torch.stack(random + [graph.valid & ~into_mlps[None, :], graph.valid & out_of_mlps[:, None],
-                                  graph.valid & ~out_of_mlps[:, None]])
-    ours = circuit_metrics(model, task, graph, keeps, ablation=ablation).tolist()
-    with torch.no_grad():
-        direct = [_direct_circuit_metric(model, task, graph, keep, ablated) for keep in keeps]
-    assert ours == pytest.approx(direct, abs=1e-4)
-
-
-@pytest.mark.parametrize("interpolate, steps, norm, stacked", [
-    ("inputs", 3, "RMSPre", True), ("inputs", 3, "RMSPre", False), ("activations", 2, "RMSPre", True),
-    ("activations", 2, "RMSPre", False), ("inputs", 2, "LNPre", True), ("inputs", 1, "LN", True)])
-def test_eap_ig_equals_the_definition_with_gradients_read_by_autograd(interpolate, steps, norm, stacked, monkeypatch):
+@pytest.mark.parametrize("interpolate, steps, norm, stacked, linearise", [
+    ("inputs", 3, "RMSPre", True, "corrupted"), ("inputs", 3, "RMSPre", True, "clean"), ("inputs", 3, "RMSPre", False, "clean"),
+    ("activations", 2, "RMSPre", True, "clean"), ("activations", 2, "RMSPre", False, "corrupted"),
+    ("activations", 2, "RMSPre", True, "corrupted"), ("inputs", 2, "LNPre", True, "corrupted"),
+    ("inputs", 1, "LN", True, "clean"), ("inputs", 1, "LN", True, "corrupted")])
+def test_eap_ig_equals_the_definition_with_gradients_read_by_autograd(interpolate, steps, norm, stacked, linearise,
+                                                                      monkeypatch):
     """EAP-IG (inputs) and EAP-IG-activations against their definition computed the slow way: every
     target's input is a TransformerLens split q/k/v (or MLP) input whose gradient autograd reads,
     one interpolated run per group and alpha (corrupted + alpha (clean - corrupted), alpha = k /
-    steps), and edge score = source difference . mean gradient, over the gap. Under every norm the
+    steps, k = 0 ... steps - 1 linearised at the corrupted end, 1 ... steps at the clean end, on
+    that end's prompts), and edge score = source difference . mean gradient, over the gap. Under every norm the
     graph's gradients pass through: weightless RMS and LayerNorm in closed form, LayerNorm with
     weights through autograd. Passes run stacked in one forward and backward, or (memory budget
     below one pass) one at a time."""
@@ -228,7 +137,8 @@ def test_eap_ig_equals_the_definition_with_gradients_read_by_autograd(interpolat
 
     gap = (logit_diff(clean_logits) - logit_diff(corrupt_logits)).mean()
     grads = {t: 0 for t in range(len(graph.targets))}
-    passes = [(g, k / steps) for g in groups for k in range(steps)]
+    passes = [(g, (k + (linearise == "clean")) / steps) for g in groups for k in range(steps)]
+    base = clean if linearise == "clean" else corrupt
     for group, alpha in passes:
         seen = {}
 
@@ -243,7 +153,7 @@ def test_eap_ig_equals_the_definition_with_gradients_read_by_autograd(interpolat
 
         hooks = [(g, fix) for g in groups] + [(h, keep) for h in {t.hook for t in graph.targets}]
         with split_inputs(tl):
-            logit_diff(tl.run_with_hooks(corrupt, fwd_hooks=hooks)).sum().backward()
+            logit_diff(tl.run_with_hooks(base, fwd_hooks=hooks)).sum().backward()
         for t, target in enumerate(graph.targets):
             g = seen[target.hook].grad  # None where a fixed group cuts every path to the metric
             if g is not None:
@@ -251,18 +161,19 @@ def test_eap_ig_equals_the_definition_with_gradients_read_by_autograd(interpolat
     expected = torch.zeros(len(graph.sources), len(graph.targets))
     for s, t in torch.nonzero(graph.valid).tolist():
         expected[s, t] = (diff[:, :, s] * grads[t]).sum() / len(passes) / len(task) / gap
-    scores, _ = eap_scores(model, task, graph, steps=steps, batch_size=3, interpolate=interpolate)
+    scores, _ = eap_scores(model, task, graph, steps=steps, batch_size=3, interpolate=interpolate, linearise=linearise)
     assert expected.abs().max() > 1e-2  # the scores are not all zero
     assert torch.allclose(scores, expected, atol=1e-5)
 
 
-def test_eap_equals_exact_edge_patching_where_the_model_is_linear():
+@pytest.mark.parametrize("linearise", ["clean", "corrupted"])
+def test_eap_equals_exact_edge_patching_where_the_model_is_linear(linearise):
     """Attention-only, no norms: the logits are linear in the final residual, so an edge into the
-    logits has an exact effect equal to its EAP score."""
+    logits has an exact effect equal to its EAP score, wherever the gradient is taken."""
     model = from_hooked_transformer(make_toy_tl(seed=4, normalization_type=None), "linear-readout")
     task = build_task(model, "induction", {"n_prompts": 5, "seq_len": 4})
     graph = build_graph(model)
-    scores, baselines = eap_scores(model, task, graph, batch_size=2)
+    scores, baselines = eap_scores(model, task, graph, batch_size=2, linearise=linearise)
     names = set(source_hooks(model))
     clean, lengths = task.tokens("clean")
     corrupt, _ = task.tokens("corrupted")
@@ -295,6 +206,13 @@ def test_top_edges_keep_the_largest_scores_and_prune_dangling_ones(planted):
     keep = top_edges(graph, scores, 3, 1)
     kept = {(graph.sources[a], graph.targets[b].node, graph.targets[b].input) for a, b in torch.nonzero(keep).tolist()}
     assert kept == {("L1H0", "logits", "logits"), ("embed", "L1H0", "v")}
+    # ranked by |score| a large negative edge comes first; ranked by signed score, last
+    scores[0, [i for i, x in enumerate(graph.targets) if (x.node, x.input) == ("L1H0", "v")][0]] = -10.0
+    scores[0, [i for i, x in enumerate(graph.targets) if (x.node, x.input) == ("L1H0", "q")][0]] = 1.0
+    for absolute, into_l1h0 in ((True, "v"), (False, "q")):
+        keep = top_edges(graph, scores, 3, 1, absolute=absolute)
+        kept = {(graph.sources[a], graph.targets[b].node, graph.targets[b].input) for a, b in torch.nonzero(keep).tolist()}
+        assert kept == {("L1H0", "logits", "logits"), ("embed", "L1H0", into_l1h0)}
 
 
 def test_faithfulness_method_reads_the_stored_discovery_and_beats_random(planted):
@@ -306,9 +224,13 @@ def test_faithfulness_method_reads_the_stored_discovery_and_beats_random(planted
     assert result.meta["discovery_run"] == found.run_id and len(store.catalog()) == 2
     cpr = result.metric("cpr").set_index("ranking")["value"]
     cmd = result.metric("cmd").set_index("ranking")["value"]
-    assert cpr["scores"] > cpr["random"] and cmd["scores"] < cmd["random"]
+    for ranking in ("absolute", "signed"):
+        assert cpr[ranking] > cpr["random"] and cmd[ranking] < cmd["random"]
     curve = result.metric("faithfulness")
-    assert curve[curve["fraction"] == 1.0]["value"].tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+    assert curve[curve["fraction"] == 1.0]["value"].tolist() == pytest.approx([1.0, 1.0, 1.0], abs=1e-5)
+    # sizes are int(fraction x edges), as MIB counts them: under 1/N of the edges keeps none, faithfulness 0
+    n_edges = result.meta["n_edges"]
+    assert 0.001 * n_edges < 1 and (curve[curve["fraction"] == 0.001][["edges", "value"]] == 0).all().all()
     with pytest.raises(WorkbenchError, match="scores no edges"):
         run_method(model, task, "circuit.faithfulness", {"discovery": {"method": "logit_diff"}}, store)
     with pytest.raises(WorkbenchError, match="fractions"):
@@ -420,7 +342,8 @@ def test_node_circuits_from_head_patching_rank_edges_among_the_top_nodes(planted
     n_inside = sum(1 for r in rows.itertuples() if {r.src, r.dst} <= top_nodes)
     assert all({r.src, r.dst} <= top_nodes for r in ranked.head(n_inside).itertuples())
     curve = run_method(model, task, "circuit.faithfulness", {"discovery": {"method": "discovery.nodes"}}, store)
-    assert curve.metric("cpr").set_index("ranking")["value"]["scores"] > curve.metric("cpr").set_index("ranking")["value"]["random"]
+    cpr = curve.metric("cpr").set_index("ranking")["value"]
+    assert cpr["absolute"] > cpr["random"] and cpr["signed"] > cpr["random"]
 
 
 def test_discrete_sae_codes_score_heads_that_separate_positives_from_negatives(planted):
@@ -453,4 +376,31 @@ def test_discrete_sae_codes_score_heads_that_separate_positives_from_negatives(p
     curve = run_method(model, task, "circuit.faithfulness",
                        {"discovery": {"method": "discovery.nodes", "params": {"scores": {
                            "method": "discovery.discrete_sae", "params": {"n_features": 32, "steps": 200}}}}}, _store())
-    assert len(curve.metric("faithfulness")) == 20  # its node circuits are evaluated like any ranking
+    assert len(curve.metric("faithfulness")) == 30  # its node circuits are evaluated like any ranking (3 x 10 fractions)
+
+
+def test_acdc_from_a_job_file_on_the_toy_loaded_from_disk_keeps_exactly_the_planted_circuit(tmp_path):
+    """The path users take: the hand-built toy saved as a model directory, `workbench run` on a job
+    file, the kept edges read back from the store (loaded with joint q/k/v weights, where the edges
+    into queries, keys and values were once ignored)."""
+    import subprocess
+
+    from conftest import WORKBENCH
+    from workbench.models import save_tl_dir
+    from workbench.store import Store
+
+    save_tl_dir(make_induction_toy(decoy=True), tmp_path / "toy")
+    job = tmp_path / "acdc.toml"
+    job.write_text(f"""
+[[run]]
+model = "{tmp_path / 'toy'}"
+task = "induction"
+task_params = {{ n_prompts = 8, seq_len = 8 }}
+method = "discovery.acdc"
+params = {{ metric = "kl", threshold = 1e-3 }}
+""")
+    proc = subprocess.run([WORKBENCH, "run", str(job), "--store", str(tmp_path / "store")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = Store(tmp_path / "store").get(proc.stdout.split()[0]).metric("acdc_in_circuit")
+    assert {(r.src, r.dst, r.dst_input) for r in rows.itertuples() if r.value == 1} == PLANTED

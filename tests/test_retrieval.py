@@ -223,3 +223,27 @@ def test_bad_retrieval_input_is_refused(wired, smollm2):
         build_task(wired, "needle", {"prompt_format": "chat"})
     with pytest.raises(WorkbenchError, match="must be head counts"):
         run("retrieval.masking", wired, needle_task(), ks=[0])
+
+
+def test_a_jsonl_task_with_needle_spans_scores_as_the_needle_task_does(wired, tmp_path):
+    """The refusal above offers a JSONL task whose rows give needle_start/needle_end: such a file
+    scores exactly as the same prompts built in memory; a half-given or out-of-range span is
+    refused when the file is read."""
+    import json
+
+    task = needle_task()
+    path = tmp_path / "needles.jsonl"
+    path.write_text("".join(json.dumps({"clean": c, "corrupted": c, "answer": a, "wrong": w} | r) + "\n"
+                            for c, a, w, r in zip(task.clean, task.answers, task.wrongs, task.rows)))
+    from_file = run("retrieval.score", wired, build_task(wired, task_file=str(path)), max_new_tokens=6)
+    in_memory = run("retrieval.score", wired, task, max_new_tokens=6)
+    scores = from_file.metric("retrieval_score").set_index(["layer", "head"])["value"]
+    assert scores.to_dict() == in_memory.metric("retrieval_score").set_index(["layer", "head"])["value"].to_dict()
+    assert scores[(1, 0)] == pytest.approx(1.0)
+    row = {"clean": task.clean[0], "corrupted": task.clean[0], "answer": 1, "wrong": 0}
+    for extra, message in [({"needle_start": 3}, "needle_start alone"),
+                           ({"needle_start": 3, "needle_end": len(task.clean[0]) + 1}, "must be token positions"),
+                           ({"answer_text": "x"}, "needs a needle span")]:
+        path.write_text(json.dumps(row | extra) + "\n")
+        with pytest.raises(WorkbenchError, match=message):
+            build_task(wired, task_file=str(path))

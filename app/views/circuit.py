@@ -40,9 +40,10 @@ if not discovered.empty and st.radio("Circuit from", ["a discovery run", "node s
                 f"discovery = {{ method = \"{discovered.set_index('run_id').loc[run_id, 'method']}\" }} on this task.")
     else:
         c1, c2 = st.columns(2)
-        c1.metric("CPR (area under the curve)", f"{found['cpr'][('cpr', 'scores')]:.3f}",
+        # as MIB's leaderboard reports them: CPR of the signed ranking, CMD of the absolute one
+        c1.metric("CPR (area under the signed ranking's curve)", f"{found['cpr'][('cpr', 'signed')]:.3f}",
                   f"random {found['cpr'][('cpr', 'random')]:.3f}", delta_color="off")
-        c2.metric("CMD (area between the curve and 1)", f"{found['cpr'][('cmd', 'scores')]:.3f}",
+        c2.metric("CMD (area between the |score| ranking's curve and 1)", f"{found['cpr'][('cmd', 'absolute')]:.3f}",
                   f"random {found['cpr'][('cmd', 'random')]:.3f}", delta_color="off")
         st.plotly_chart(faithfulness_figure(found["curve"], n_edges / found["n_edges"]), width="stretch")
     st.dataframe(edges.sort_values("value", key=abs, ascending=False), hide_index=True, width="stretch")

@@ -4,10 +4,16 @@ every edge of `circuits.discovery.graph`.
 The score of an edge u -> v is (clean output of u - corrupted output of u) . d metric / d input of
 v, summed over positions, averaged over prompts and divided by the clean - corrupted metric gap:
 a first-order estimate of the normalised effect of patching that edge alone into the corrupted
-run (0 = corrupted, 1 = clean), the convention of every patching method here. EAP takes the
-gradient on the corrupted run; EAP-IG (Hanna et al. 2024) averages it over `steps` runs whose
-input embeddings move from the corrupted toward the clean ones (alpha = 0, 1/steps, ...), so
-EAP is EAP-IG with one step.
+run (0 = corrupted, 1 = clean), the convention of every patching method here.
+
+Where the gradient is taken (`linearise`) is a point on the path corrupted + alpha (clean -
+corrupted): "clean" takes alpha = 1/steps, ..., 1 (the last point is the clean run), "corrupted"
+alpha = 0, ..., (steps - 1)/steps (the first is the corrupted run). Each method's default is the
+literature's, as Hanna et al.'s EAP-IG code (which MIB's circuit track runs) computes it: EAP
+(Syed et al. 2023) takes the gradient on the clean run; EAP-IG (Hanna et al. 2024) averages it
+over `steps` runs whose input embeddings move from the corrupted toward the clean ones from the
+corrupted end; EAP-IG-activations interpolates each node group on the clean prompts toward the
+clean end. EAP is EAP-IG with one step at the clean end.
 
 Cost per chunk of prompts: a clean and a corrupted forward for the source outputs, then one
 forward + backward per step; the scores are one matrix product per target hook. Nothing of size
@@ -38,6 +44,7 @@ from workbench.params import require
 from workbench.result import Result
 
 MetricName = Literal["logit_diff", "prob", "logprob", "kl"]
+Linearise = Literal["clean", "corrupted"]
 GRAD_BYTES = 512 * 2**20  # on the CPU; on a GPU a quarter of its free memory
 
 
@@ -190,14 +197,17 @@ def source_differences(model, graph: Graph, clean: dict[str, Tensor], corrupted:
 
 @fused_attention
 def eap_scores(model, task, graph: Graph, metric: str = "logit_diff", steps: int = 1, batch_size: int = 16,
-               interpolate: Literal["inputs", "activations"] = "inputs") -> tuple[Tensor, Baselines]:
+               interpolate: Literal["inputs", "activations"] = "inputs",
+               linearise: Linearise = "clean") -> tuple[Tensor, Baselines]:
     """[source, target] scores (0 where no edge) and the clean / corrupted metric baselines.
 
     `interpolate="inputs"` is EAP-IG (EAP at one step). `"activations"` is EAP-IG-activations:
     for each node group in turn (`group_hooks`) and each alpha, that group's output is set to
-    corrupted + alpha (clean - corrupted), held fixed (no gradient flows through it), on the
-    corrupted run; a target's gradient is the mean over every group and alpha. It costs groups x
-    steps forwards and backwards (on the embedded model 61 x steps)."""
+    corrupted + alpha (clean - corrupted), held fixed (no gradient flows through it), on the run
+    of the `linearise` end's prompts; a target's gradient is the mean over every group and alpha.
+    It costs groups x steps forwards and backwards (on the embedded model 61 x steps)."""
+    if linearise not in ("clean", "corrupted"):
+        raise WorkbenchError(f"linearise = {linearise!r}: choose 'clean' or 'corrupted'")
     check_model(model)
     tl, device, n = model.tl, model.device, model.n_layers
     clean_all, lengths_all = task.tokens("clean", device=device)
@@ -210,7 +220,11 @@ def eap_scores(model, task, graph: Graph, metric: str = "logit_diff", steps: int
     blocks = target_blocks(graph)
     groups = group_hooks(model) if interpolate == "activations" else []
     names = set(source_hooks(model)) | set(groups)
-    passes = [(g, step / steps) for g in groups for step in range(steps)] if groups else [(None, step / steps) for step in range(steps)]
+    at_clean = linearise == "clean"
+    alphas = [(step + at_clean) / steps for step in range(steps)]
+    passes = [(g, alpha) for g in groups for alpha in alphas] if groups else [(None, alpha) for alpha in alphas]
+    # corrupted inputs' first pass (alpha = 0) is the corrupted run: its sources are read there
+    read_first = not groups and not at_clean
     n_sources, n_targets = len(graph.sources), len(graph.targets)
     scores = torch.zeros(n_sources, n_targets, dtype=torch.float64)
     values = {"clean": 0.0, "corrupted": 0.0}
@@ -225,6 +239,7 @@ def eap_scores(model, task, graph: Graph, metric: str = "logit_diff", steps: int
         lengths = lengths_all[rows]
         width = int(lengths.max())
         clean, corrupt = clean_all[rows, :width], corrupt_all[rows, :width]
+        base = clean if at_clean else corrupt  # the prompts every gradient pass runs
         answers, wrongs = answers_all[rows], wrongs_all[rows]
 
         def value_of(resid, copies=1):
@@ -236,7 +251,7 @@ def eap_scores(model, task, graph: Graph, metric: str = "logit_diff", steps: int
             clean_logprobs = _final(tl, clean_resid, lengths).float().log_softmax(-1)
             values["clean"] += float(value_of(clean_resid).sum())
             corrupted: dict[str, Tensor] = {}
-            if groups:  # the corrupted outputs first: every pass interpolates toward them
+            if not read_first:  # the corrupted outputs first: every pass interpolates between them and the clean
                 corrupt_resid, corrupted = tl.run_with_cache(corrupt, stop_at_layer=n, names_filter=lambda x: x in names)
                 values["corrupted"] += float(value_of(corrupt_resid).sum())
         if grads is None or grads.shape[1] < clean.numel() * model.d_model:  # one buffer for every chunk: fresh pages cost a zero fill each
@@ -247,18 +262,18 @@ def eap_scores(model, task, graph: Graph, metric: str = "logit_diff", steps: int
         copies = max(1, min(len(passes), memory_budget(device, BACKWARD_BYTES, share=0.25) // per_pass))
         for first in range(0, len(passes), copies):
             batch = passes[first:first + copies]
-            hooks = _interpolation_hooks(batch, len(clean), clean_cache, corrupted)
-            if not groups and first == 0:  # the first input pass (alpha = 0) is the corrupted run: its sources are read there
+            hooks = _interpolation_hooks(batch, len(clean), clean_cache, corrupted, at_clean)
+            if read_first and first == 0:
                 def read(act, hook, into=corrupted, size=len(clean)):
                     into[hook.name] = act[:size].detach()
 
                 hooks += [(h, read) for h in names]
             # the interpolation hooks first: `input_hooks` keeps the residuals the run actually reads
             with own_hooks(tl, hooks), input_hooks(tl) as kept:
-                resid = tl(corrupt.repeat(len(batch), 1), stop_at_layer=n)
+                resid = tl(base.repeat(len(batch), 1), stop_at_layer=n)
                 value = value_of(resid, len(batch))
                 value.sum().backward()
-            if not groups and first == 0:
+            if read_first and first == 0:
                 values["corrupted"] += float(value[:len(clean)].detach().sum())
             add_input_gradients(model, kept, grads_here, rows_of, len(batch), overwrite=first == 0)
             del kept
@@ -276,17 +291,23 @@ def eap_scores(model, task, graph: Graph, metric: str = "logit_diff", steps: int
 
 
 def _interpolation_hooks(batch: list[tuple[str | None, float]], size: int, clean: dict[str, Tensor],
-                         corrupted: dict[str, Tensor]) -> list:
-    """Forward hooks for one gradient pass over len(batch) copies of a chunk of `size` prompts: copy
-    r of the prompts has its group batch[r][0] (None: the input embeddings, of every copy) set to
-    corrupted + alpha (clean - corrupted). The embeddings become the leaf the backward reaches."""
+                         corrupted: dict[str, Tensor], on_clean: bool) -> list:
+    """Forward hooks for one gradient pass over len(batch) copies of a chunk of `size` prompts (the
+    clean ones if `on_clean`, else the corrupted): copy r has its group batch[r][0] (None: the input
+    embeddings) set to corrupted + alpha (clean - corrupted). The embeddings become the leaf the
+    backward reaches."""
     embed = "blocks.0.hook_resid_pre"
 
     def start(act, hook):
         out = act.detach().clone()
         for r, (group, alpha) in enumerate(batch):
-            if group in (None, embed) and alpha > 0:  # every copy's input is the corrupted prompts
-                out[r * size:(r + 1) * size].lerp_(clean[embed], alpha)
+            rows = slice(r * size, (r + 1) * size)
+            if group not in (None, embed) or alpha == (1 if on_clean else 0):
+                continue  # the run's own embeddings
+            if on_clean:
+                out[rows] = torch.lerp(corrupted[embed], clean[embed], alpha)
+            else:  # read from the run itself: on the corrupted prompts' first pass they are not yet kept
+                out[rows].lerp_(clean[embed], alpha)
         return out.requires_grad_(True)
 
     def fixed(act, hook):
@@ -323,8 +344,10 @@ def node_frame(graph: Graph, scores: Tensor, name: str) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class EAPParams:
+    """`linearise`: the end of the corrupted -> clean path the gradient is taken at (module docstring)."""
     metric: MetricName = "logit_diff"
     batch_size: int = 16
+    linearise: Linearise = "clean"  # Syed et al.'s EAP: the clean run's gradient
 
     def __post_init__(self):
         require(self.batch_size >= 1, f"batch_size = {self.batch_size} must be at least 1")
@@ -333,10 +356,16 @@ class EAPParams:
 @dataclass(frozen=True)
 class EAPIGParams(EAPParams):
     steps: int = 5
+    linearise: Linearise = "corrupted"  # Hanna et al.'s EAP-IG: alpha = 0, 1/steps, ..., (steps - 1)/steps
 
     def __post_init__(self):
         super().__post_init__()
         require(self.steps >= 1, f"steps = {self.steps} must be at least 1")
+
+
+@dataclass(frozen=True)
+class EAPIGActivationsParams(EAPIGParams):
+    linearise: Linearise = "clean"  # Hanna et al.'s code: the clean prompts, alpha = 1/steps, ..., 1
 
 
 def _outputs(name: str):
@@ -354,7 +383,7 @@ def _outputs(name: str):
 
 def _result(model, task, params, steps: int, name: str, interpolate: str = "inputs") -> Result:
     graph = build_graph(model)
-    scores, baselines = eap_scores(model, task, graph, params.metric, steps, params.batch_size, interpolate)
+    scores, baselines = eap_scores(model, task, graph, params.metric, steps, params.batch_size, interpolate, params.linearise)
     frame = pd.concat([edge_frame(graph, scores, name), node_frame(graph, scores, name)], ignore_index=True)
     meta = {"baselines": {"clean": baselines.clean, "corrupted": baselines.corrupted}, "edges": graph.n_edges(),
             "sources": len(graph.sources), "targets": len(graph.targets)}
@@ -362,7 +391,7 @@ def _result(model, task, params, steps: int, name: str, interpolate: str = "inpu
 
 
 @register("discovery.eap", EAPParams, "edge attribution patching: a first-order score for every edge of the model's graph",
-          _outputs("eap"))
+          _outputs("eap"), version=2)
 def eap(model, task, params: EAPParams, ctx) -> Result:
     return _result(model, task, params, 1, "eap")
 
@@ -373,8 +402,8 @@ def eap_ig(model, task, params: EAPIGParams, ctx) -> Result:
     return _result(model, task, params, params.steps, "eap_ig")
 
 
-@register("discovery.eap_ig_activations", EAPIGParams,
+@register("discovery.eap_ig_activations", EAPIGActivationsParams,
           "EAP-IG on the activations: each node group's output (embeddings, a layer's attention, an MLP) moved "
-          "corrupted -> clean in turn, `steps` points each; groups x steps backward passes", _outputs("eap_ig_activations"))
+          "corrupted -> clean in turn, `steps` points each; groups x steps backward passes", _outputs("eap_ig_activations"), version=2)
 def eap_ig_activations(model, task, params: EAPIGParams, ctx) -> Result:
     return _result(model, task, params, params.steps, "eap_ig_activations", "activations")

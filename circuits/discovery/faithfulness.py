@@ -1,10 +1,14 @@
 """Circuits as sets of edges, and how faithful they are, as the MIB circuit-localization track scores them.
 
 A circuit runs with every edge outside it ablated (`circuits.discovery.circuit_run`). Faithfulness = (m(circuit) - m(none)) /
-(m(full) - m(none)). A curve takes the top edges by |score| at fractions of all edges, after MIB's
-pruning of edges that cannot reach the logits or be reached from the embeddings; CPR is the area
-under it (trapezoids over the fraction), CMD the area between it and 1. Several circuits run in
-one batched forward.
+(m(full) - m(none)). A curve takes the top int(f N) edges at fractions f of the N edges of the
+workbench's graph (as MIB's `evaluate_area_under_curve` counts them, so a fraction below 1/N keeps
+none), after MIB's pruning of edges that cannot reach the logits or be reached from the
+embeddings; CPR is the area under it (trapezoids over the fraction), CMD the area between it and
+1. Edges are ranked two ways: by |score| ("absolute") and by score, most positive first
+("signed"). MIB's leaderboard reports CPR of the signed ranking and CMD of the absolute one. On an
+attention-only model N counts no MLP edges; MIB's graph keeps MLP nodes there, so its fractions are
+of a larger N. Several circuits run in one batched forward.
 """
 
 from __future__ import annotations
@@ -61,10 +65,11 @@ def prune(graph: Graph, keep: Tensor, group: int) -> Tensor:
         keep = pruned
 
 
-def top_edges(graph: Graph, scores: Tensor, n: int, group: int) -> Tensor:
-    """[source, target]: the n valid edges of largest |score|, pruned."""
+def top_edges(graph: Graph, scores: Tensor, n: int, group: int, absolute: bool = True) -> Tensor:
+    """[source, target]: the n valid edges of largest |score| (or, not `absolute`, of largest score), pruned."""
     valid = graph.valid
-    flat = torch.where(valid, scores.abs(), torch.full_like(scores, -1.0)).flatten()
+    ranked = scores.abs() if absolute else scores
+    flat = torch.where(valid, ranked, torch.full_like(scores, -torch.inf)).flatten()
     keep = torch.zeros(flat.numel(), dtype=torch.bool)
     keep[flat.argsort(descending=True, stable=True)[:n]] = True
     return prune(graph, keep.view_as(scores) & valid, group)
@@ -118,12 +123,16 @@ class FaithfulnessParams:
 
 
 CURVE = ("fraction", "ranking")
+RANKINGS = ("absolute", "signed", "random")
 FAITHFULNESS_OUTPUTS = Outputs((
-    Metric("faithfulness", "(m(circuit) - m(none)) / (m(full) - m(none)) for the top edges at `fraction` of all edges "
-           "(`ranking`: the discovery scores, or random; `edges`: kept after pruning)", "model", CURVE, "detail"),
+    Metric("faithfulness", "(m(circuit) - m(none)) / (m(full) - m(none)) for the top int(fraction x edges) edges "
+           "(`ranking`: the discovery scores by |score| or signed, or random; `edges`: kept after pruning)",
+           "model", CURVE, "detail"),
     Metric("circuit_metric", "the task metric with only the circuit's edges kept", "model", CURVE, "detail"),
-    Metric("cpr", "area under the faithfulness curve (higher is better)", "model", ("ranking",), "summary"),
-    Metric("cmd", "area between the faithfulness curve and 1 (lower is better)", "model", ("ranking",), "summary"),
+    Metric("cpr", "area under the faithfulness curve (higher is better; MIB reports the signed ranking's)",
+           "model", ("ranking",), "summary"),
+    Metric("cmd", "area between the faithfulness curve and 1 (lower is better; MIB reports the absolute ranking's)",
+           "model", ("ranking",), "summary"),
     Metric("metric_full", "the metric with every edge kept (the clean run)", "model", (), "summary"),
     Metric("metric_empty", "the metric with every edge ablated", "model", (), "summary"),
 ))
@@ -131,7 +140,7 @@ FAITHFULNESS_OUTPUTS = Outputs((
 
 @register("circuit.faithfulness", FaithfulnessParams,
           "faithfulness curve of a discovery run's circuits (top edges at MIB's fractions), with CPR / CMD, "
-          "against a random ranking", FAITHFULNESS_OUTPUTS, needs=lambda p: {"discovery": p.discovery})
+          "against a random ranking", FAITHFULNESS_OUTPUTS, needs=lambda p: {"discovery": p.discovery}, version=2)
 def faithfulness(model, task, params: FaithfulnessParams, ctx) -> Result:
     graph = build_graph(model)
     stored = ctx.inputs["discovery"]
@@ -140,11 +149,11 @@ def faithfulness(model, task, params: FaithfulnessParams, ctx) -> Result:
     n_edges = graph.n_edges()
     generator = torch.Generator().manual_seed(params.seed)
     random_scores = torch.rand(scores.shape, generator=generator)
-    sizes = [max(1, int(f * n_edges)) for f in params.fractions]
+    sizes = [int(f * n_edges) for f in params.fractions]
     keeps = [torch.zeros_like(graph.valid), graph.valid.clone()]  # none, every edge
-    keeps += [top_edges(graph, scores, n, group) for n in sizes]
-    keeps += [top_edges(graph, random_scores, n, group) for n in sizes]
-    unique: dict[bytes, int] = {}  # the same circuit (every edge, at 100% of either ranking) is evaluated once
+    for ranked, absolute in ((scores, True), (scores, False), (random_scores, True)):  # in the order of RANKINGS
+        keeps += [top_edges(graph, ranked, n, group, absolute) for n in sizes]
+    unique: dict[bytes, int] = {}  # the same circuit (none, every edge, the same top edges) is evaluated once
     slot = [unique.setdefault(k.numpy().tobytes(), len(unique)) for k in keeps]
     firsts = [slot.index(i) for i in range(len(unique))]
     evaluated = circuit_metrics(model, task, graph, torch.stack([keeps[i] for i in firsts]), params.metric, params.ablation)
@@ -154,7 +163,7 @@ def faithfulness(model, task, params: FaithfulnessParams, ctx) -> Result:
         raise WorkbenchError("the metric is the same with every edge kept and every edge ablated; faithfulness is "
                              "undefined: check that the corrupted prompts change the answer")
     rows, k = [], len(sizes)
-    for r, ranking in enumerate(("scores", "random")):
+    for r, ranking in enumerate(RANKINGS):
         curve = [(v - empty) / (full - empty) for v in values[2 + r * k: 2 + (r + 1) * k]]
         for fraction, keep, value, faith in zip(params.fractions, keeps[2 + r * k:], values[2 + r * k:], curve):
             common = dict(component="model", fraction=fraction, ranking=ranking, edges=int(keep.sum()))

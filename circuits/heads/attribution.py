@@ -181,7 +181,8 @@ def head_source_attribution(model, task, heads: list[tuple[int, int]], batch_siz
             pattern = _final(cache[f"blocks.{layer}.attn.hook_pattern"][:, h], lengths)  # [batch, src]
             v = cache[f"blocks.{layer}.attn.hook_v"][:, :, h // group]  # [batch, src, d_head]
             out = torch.einsum("bs,bsk,kd->bsd", pattern, v, tl.blocks[layer].attn.W_O[h])
-            contrib = torch.einsum("bsd,bd->bs", frozen_final_norm(model, out, scale), directions[sl])
+            y = frozen_final_norm(model, out.float(), scale.float())  # projected in float32, as `dla_components` does
+            contrib = torch.einsum("bsd,bd->bs", y, directions[sl])
             for i in range(len(tokens)):
                 for s in range(int(lengths[i])):
                     rows.append((sl.start + i, layer, h, s, float(contrib[i, s])))

@@ -24,7 +24,7 @@ import torch
 from workbench.errors import WorkbenchError
 from workbench.models.gguf import load_smollm2
 from workbench.models.hf import load_hf_dir, load_hub, official_name
-from workbench.models.tl_dir import DTYPES, is_tl_dir, load_tl_dir, weights_hash
+from workbench.models.tl_dir import DTYPES, is_tl_dir, load_tl_dir, place, weights_hash
 from workbench.models.wrapper import Model, ModelIdentity
 from workbench.paths import configure_threads
 from workbench.spec import ModelSpec
@@ -89,7 +89,11 @@ def load_model(spec: "str | dict | ModelSpec" = DEFAULT_MODEL) -> Model:
 
 
 def from_hooked_transformer(tl, name: str, tokenizer=None, prepend_bos: bool = False) -> Model:
-    """Wrap a HookedTransformer built in-process (hand-set toy models, notebooks)."""
-    identity = ModelIdentity(name, weights_hash(tl), prepend_bos, str(tl.cfg.dtype).removeprefix("torch."), "in-memory")
-    tl.eval()
+    """Wrap a HookedTransformer built in-process (hand-set toy models, notebooks), placed as
+    `load_model` places a loaded one (eval mode, frozen weights, `linear_layout`'s joint
+    projections) on its own device and dtype, so methods run on it take the same fast paths."""
+    weight = next(tl.parameters())
+    dtype = str(weight.dtype).removeprefix("torch.")
+    place(tl, ModelSpec(name=name, dtype=dtype), str(weight.device))
+    identity = ModelIdentity(name, weights_hash(tl), prepend_bos, dtype, "in-memory")
     return Model(identity, tokenizer if tokenizer is not None else getattr(tl, "tokenizer", None), tl=tl)

@@ -3,6 +3,10 @@
 
 Text rows are tokenized by the model; for models without a tokenizer `clean`/`corrupted` are
 lists of token ids and `answer`/`wrong` token ids. Prompts may differ in length across rows.
+
+A row may also mark a needle for retrieval scoring: `needle_start` and `needle_end` (token
+positions in the clean prompt as the model tokenizes it, BOS included where it prepends one; end
+exclusive), and optionally `answer_text`, the words a retrieved needle is scored against.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from workbench.errors import WorkbenchError
 from workbench.tasks.base import Task, pad_id
 
 FIELDS = ("clean", "corrupted", "answer", "wrong")
+NEEDLE = ("needle_start", "needle_end")
 
 
 def load_jsonl_task(model, path: str | Path) -> Task:
@@ -40,7 +45,8 @@ def load_jsonl_task(model, path: str | Path) -> Task:
                 f"{path} line {n}: clean prompt is {len(clean[-1])} tokens but corrupted is {len(corrupted[-1])}; "
                 "they must tokenize to the same length"
             )
-        rows.append({k: row[k] for k in FIELDS if isinstance(row[k], str)})
+        kept = {k: row[k] for k in FIELDS if isinstance(row[k], str)}
+        rows.append(kept | _needle(row, len(clean[-1]), path, n))
     return Task(f"file:{path.name}", {"path": str(path.resolve())}, clean, corrupted, answers, wrongs, rows, pad_id(model))
 
 
@@ -61,3 +67,24 @@ def _answer(model, value, path, n, field) -> int:
         except WorkbenchError as e:
             raise WorkbenchError(f"{path} line {n} '{field}': {e}") from None
     raise WorkbenchError(f"{path} line {n}: '{field}' must be a single-token string or a token id")
+
+
+def _needle(row: dict, length: int, path, n) -> dict:
+    """The row's needle span (and answer text), checked against its clean prompt's `length` tokens."""
+    given = [k for k in NEEDLE if k in row]
+    if not given:
+        if "answer_text" in row:
+            raise WorkbenchError(f"{path} line {n}: 'answer_text' needs a needle span; add needle_start and needle_end")
+        return {}
+    if len(given) == 1:
+        raise WorkbenchError(f"{path} line {n} gives {given[0]} alone; a needle needs both needle_start and needle_end")
+    start, end = row["needle_start"], row["needle_end"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end)) or not 0 <= start < end <= length:
+        raise WorkbenchError(f"{path} line {n}: needle span [{start}, {end}) must be token positions with "
+                             f"0 <= needle_start < needle_end <= {length}, the clean prompt's length")
+    out = {"needle_start": start, "needle_end": end}
+    if "answer_text" in row:
+        if not isinstance(row["answer_text"], str) or not row["answer_text"].strip():
+            raise WorkbenchError(f"{path} line {n}: 'answer_text' must be non-empty text")
+        out["answer_text"] = row["answer_text"]
+    return out
